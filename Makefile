@@ -1,0 +1,38 @@
+# Two entry points: `make demo` (install + main job) and `make test` (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all fmnist bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU build that pip finds locally; the package then adds nothing heavy.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package when apt is usable.
+fmnist:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || echo "apt could not install dataset-fashion-mnist"; \
+	fi
+
+demo: install fmnist
+	$(VENV)/bin/eqprop train fmnist_cpu epochs=1 out_dir=runs/demo
+
+test: install fmnist
+	$(PY) -m pytest -m "not slow" -x
+
+test-all: install fmnist
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,0 +1,8 @@
+"""eqprop: feedforward-tied energy-based models trained by Equilibrium Propagation."""
+from .activations import Activation, HardSigmoid, Identity, Logistic, make_activation
+from .blocks import ConvHopfield, DenseHopfield, DivergenceError, EnergyBlock, HopfieldBlock, RelaxStats
+from .chain import FFEBM, conv_ffebm, dense_ffebm
+from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
+from .estimators import BPTT, EP, ID, Estimator, make_estimator
+
+__version__ = "0.1.0"

@@ -1,0 +1,343 @@
+"""Energy-based blocks: energies and their relaxation to equilibrium (SPEC §1).
+
+An `EnergyBlock` holds layers s = (s_1, ..., s_L), receives an input current u (shaped
+like s_1) and has energy E(s; u) = sum_l G(s_l) - Phi(s; u). Its equilibrium is reached
+by the fixed-point iteration s_l <- sigma_l(dPhi/ds_l), without autograd.
+
+To define a new block, subclass `EnergyBlock` and write only `phi` (per-sample primitive
+function) and `state_shapes`; the fixed-point steps then use autograd on `phi` as a
+generic fallback. `HopfieldBlock` overrides `preactivations` with the analytical step
+(couplings T_l and their adjoints).
+
+How the block's backward is computed is the job of its `estimator` (see estimators.py),
+which can be swapped at run time: `block.estimator = EP(beta=0.1)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .activations import Activation, Identity, make_activation
+from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_
+
+State = list[Tensor]
+
+
+class DivergenceError(RuntimeError):
+    """A relaxation produced a non-finite state."""
+
+
+@dataclass
+class RelaxStats:
+    """What one relaxation did: iterations run, last relative change, whether tol was met."""
+
+    iters: int
+    residual: float
+    converged: bool | None  # None when no tolerance was asked for
+
+    def as_dict(self) -> dict:
+        return {"iters": self.iters, "residual": self.residual, "converged": self.converged}
+
+
+def relative_change(new: State, old: State) -> Tensor:
+    """mean over layers of ||new_l - old_l|| / ||old_l|| (a 0-dim tensor, no sync)."""
+    tiny = torch.finfo(torch.float32).tiny
+    terms = [torch.linalg.vector_norm((n - o).float()) / torch.linalg.vector_norm(o.float()).clamp_min(tiny)
+             for n, o in zip(new, old)]
+    return torch.stack(terms).mean()
+
+
+def _check_positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+def _check_tol(owner: str, tol) -> None:
+    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"{owner}: tol must be a positive number or None, got {tol!r}")
+
+
+class EnergyBlock(nn.Module):
+    """Base class of energy-based (analog) blocks.
+
+    Settings (all plain attributes, changeable at any time):
+      T1:          iteration cap of the free phase
+      tol:         stop earlier when the relative change falls below it (None: run T1)
+      update:      'sync' (all layers at once) or 'async' (one parity, then the other)
+      first:       'odd' or 'even': which parity an async sweep updates first
+      check_every: how often (in iterations) the tolerance is checked; each check is
+                   one host-device synchronisation on a GPU
+      relax_dtype: run relaxations in this dtype (e.g. torch.bfloat16) under autocast;
+                   states come back in the input's dtype, so EP differences and
+                   parameter gradients stay in full precision
+    After each forward, `stats` holds the RelaxStats of the phases that ran
+    ('free', and 'nudged+'/'nudged-'/'adjoint' after a backward).
+    """
+
+    def __init__(self, activations: Sequence[Activation], T1: int = 20, tol: float | None = None,
+                 update: str = "async", first: str = "odd", check_every: int | None = None,
+                 estimator=None, name: str | None = None, relax_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.activations = list(activations)
+        self.relax_dtype = relax_dtype
+        self.T1, self.tol, self.update, self.first, self.check_every = T1, tol, update, first, check_every
+        self.block_name = name or type(self).__name__
+        self.validate()
+        if estimator is None:
+            from .estimators import EP
+            estimator = EP()
+        self.estimator = estimator
+        self.stats: dict[str, RelaxStats] = {}
+        self.free_state: State | None = None
+
+    # ---- what a block must define ---------------------------------------------------
+    def state_shapes(self, in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Per-layer shapes (without batch) for an input current of shape `in_shape`."""
+        raise NotImplementedError
+
+    def phi(self, s: State, u: Tensor) -> Tensor:
+        """Primitive function Phi(s; u, theta) per sample, shape (batch,)."""
+        raise NotImplementedError
+
+    # ---- derived quantities -----------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.activations)
+
+    def energy(self, s: State, u: Tensor) -> Tensor:
+        """E = sum_l G(s_l) - Phi per sample (batch,)."""
+        g = sum(act.potential(x) for act, x in zip(self.activations, s))
+        return g - self.phi(s, u)
+
+    def preactivations(self, s: State, u: Tensor, layers: Sequence[int], nudge: Tensor | None = None,
+                       cache: dict | None = None) -> dict[int, Tensor]:
+        """dPhi/ds_l for each l in `layers` (0-based), plus `nudge` on the last layer.
+
+        Generic fallback: autograd of `phi` at fixed s. Subclasses override it with the
+        analytical form.
+        """
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in s]
+            grads = torch.autograd.grad(self.phi(leaves, u.detach()).sum(), leaves, allow_unused=True)
+        out = {}
+        for l in layers:
+            g = grads[l] if grads[l] is not None else torch.zeros_like(s[l])
+            if nudge is not None and l == len(s) - 1:
+                g = g + nudge
+            out[l] = g
+        return out
+
+    def step(self, s: State, u: Tensor, nudge: Tensor | None = None, cache: dict | None = None) -> State:
+        """One sweep of the fixed-point iteration (sync or async); returns new states."""
+        L = len(s)
+        if self.update == "sync":
+            groups = [range(L)]
+        else:
+            odd, even = range(0, L, 2), range(1, L, 2)  # layers 1, 3, ... are indices 0, 2, ...
+            groups = [odd, even] if self.first == "odd" else [even, odd]
+        s = list(s)
+        for group in groups:
+            pre = self.preactivations(s, u, list(group), nudge, cache)
+            for l, z in pre.items():
+                s[l] = self.activations[l](z)
+        return s
+
+    def init_state(self, u: Tensor) -> State:
+        return [u.new_zeros((u.shape[0], *shape)) for shape in self.state_shapes(tuple(u.shape[1:]))]
+
+    @torch.no_grad()
+    def relax(self, u: Tensor, s0: State | None = None, T: int | None = None, tol: float | None = "block",
+              nudge: Tensor | None = None, callback: Callable[[int, State], None] | None = None,
+              ) -> tuple[State, RelaxStats]:
+        """Run the fixed-point iteration from `s0` (zeros by default) for at most T steps.
+
+        tol='block' uses the block's tolerance; None runs exactly T steps. `callback(t, s)`
+        is called after every step (for analyses; it costs nothing when absent).
+        """
+        T = self.T1 if T is None else T
+        tol = self.tol if tol == "block" else tol
+        _check_positive_int(self.block_name, "T", T)
+        _check_tol(self.block_name, tol)
+        s = self.init_state(u) if s0 is None else [x.detach() for x in s0]
+        out_dtype = u.dtype
+        if self.relax_dtype is not None and self.relax_dtype != u.dtype:
+            with torch.autocast(u.device.type, dtype=self.relax_dtype):
+                s, stats = self._relax_loop(u.to(self.relax_dtype), [x.to(self.relax_dtype) for x in s], T, tol,
+                                            None if nudge is None else nudge.to(self.relax_dtype), callback)
+            return [x.to(out_dtype) for x in s], stats
+        return self._relax_loop(u, s, T, tol, nudge, callback)
+
+    def _relax_loop(self, u: Tensor, s: State, T: int, tol: float | None, nudge: Tensor | None,
+                    callback: Callable[[int, State], None] | None) -> tuple[State, RelaxStats]:
+        every = self.check_every or (1 if u.device.type == "cpu" else 10)
+        cache: dict = {}
+        t = 0
+        converged = None if tol is None else False
+        while t < T:
+            new = self.step(s, u, nudge, cache)
+            t += 1
+            if callback is not None:
+                callback(t, new)
+            if tol is not None and (t % every == 0 or t == T):
+                change = relative_change(new, s)
+                if change.item() < tol:
+                    s, converged = new, True
+                    break
+            elif t == T:
+                change = relative_change(new, s)
+            s = new
+        residual = float(change)  # the one synchronisation of a fixed-T relaxation
+        if not math.isfinite(residual):
+            bad = [i + 1 for i, x in enumerate(s) if not torch.isfinite(x).all()]
+            if bad:
+                raise DivergenceError(
+                    f"{self.block_name}: relaxation diverged (non-finite state in layer(s) {bad} after {t} "
+                    f"iterations); lower the learning rate or the weight scale, or use a smaller slope"
+                )
+        return s, RelaxStats(t, residual, converged)
+
+    # ---- settings and input checks --------------------------------------------------
+    def validate(self) -> None:
+        """Raise a ValueError naming this block for any invalid setting."""
+        _check_positive_int(self.block_name, "T1", self.T1)
+        _check_tol(self.block_name, self.tol)
+        _check_positive_int(self.block_name, "check_every", self.check_every, allow_none=True)
+        if self.update not in ("sync", "async"):
+            raise ValueError(f"{self.block_name}: update must be 'sync' or 'async', got {self.update!r}")
+        if self.first not in ("odd", "even"):
+            raise ValueError(f"{self.block_name}: first must be 'odd' or 'even', got {self.first!r}")
+
+    def check_input(self, u: Tensor) -> None:
+        """Raise a ValueError if u has the wrong shape or holds NaN/inf."""
+        try:
+            self.state_shapes(tuple(u.shape[1:]))
+        except ValueError as e:
+            raise ValueError(f"{self.block_name}: input current of shape {tuple(u.shape)} does not fit: {e}") from None
+        if not torch.isfinite(u).all():
+            raise ValueError(f"{self.block_name}: input current holds NaN or inf values")
+
+    # ---- forward: free phase, then the estimator wires the backward -------------------
+    def forward(self, u: Tensor) -> Tensor:
+        self.validate()
+        self.check_input(u)
+        s, stats = self.relax(u.detach())
+        self.stats = {"free": stats}
+        self.free_state = s
+        return self.estimator.attach(self, u, s)
+
+    def extra_repr(self) -> str:
+        return (f"T1={self.T1}, tol={self.tol}, update={self.update!r}, first={self.first!r}, "
+                f"estimator={self.estimator!r}")
+
+
+class HopfieldBlock(EnergyBlock):
+    """Layered deep Hopfield block: Phi = <s_1, u> + sum_l <s_{l+1}, T_l(s_l) + b_l>.
+
+    `couplings[l]` maps layer l to layer l+1; the relaxation uses their forward maps and
+    adjoints only (the reference code's "analytical" stepper).
+    """
+
+    def __init__(self, couplings: Sequence[Coupling], activations: Sequence[Activation], **kw):
+        if len(activations) != len(couplings) + 1:
+            raise ValueError(f"HopfieldBlock: {len(couplings)} couplings need {len(couplings) + 1} activations, "
+                             f"got {len(activations)}")
+        super().__init__(activations, **kw)
+        self.couplings = nn.ModuleList(couplings)
+
+    def state_shapes(self, in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        shapes = [tuple(in_shape)]
+        for c in self.couplings:
+            shapes.append(tuple(c.out_shape(shapes[-1])))
+        return shapes
+
+    def phi(self, s: State, u: Tensor) -> Tensor:
+        out = (s[0] * u).flatten(1).sum(1)
+        for l, c in enumerate(self.couplings):
+            out = out + c.pairing(s[l], s[l + 1])
+        return out
+
+    def _forward_map(self, s: State, l: int, cache: dict | None) -> tuple[Tensor, object]:
+        """T_l(s_l), memoised on the identity of s_l (valid until s_l is replaced)."""
+        if cache is not None:
+            hit = cache.get(l)
+            if hit is not None and hit[0] is s[l]:
+                return hit[1]
+        out = self.couplings[l](s[l])
+        if cache is not None:
+            cache[l] = (s[l], out)
+        return out
+
+    def preactivations(self, s: State, u: Tensor, layers: Sequence[int], nudge: Tensor | None = None,
+                       cache: dict | None = None) -> dict[int, Tensor]:
+        L = len(s)
+        out = {}
+        for l in layers:
+            z = u if l == 0 else self._forward_map(s, l - 1, cache)[0]
+            if l < L - 1:
+                coupling = self.couplings[l]
+                aux = self._forward_map(s, l, cache)[1] if getattr(coupling, "pool", False) else None
+                z = z + coupling.adjoint(s[l + 1], aux, s[l].shape)
+            if nudge is not None and l == L - 1:
+                z = z + nudge
+            out[l] = z
+        return out
+
+
+def _layer_activations(n: int, activation: str | Activation, slope: float, last_linear: bool) -> list[Activation]:
+    acts = [make_activation(activation, slope) for _ in range(n)]
+    if last_linear:
+        acts[-1] = Identity()
+    return acts
+
+
+class DenseHopfield(HopfieldBlock):
+    """Dense deep Hopfield block with layers of the given widths (widths[0] = input size)."""
+
+    def __init__(self, widths: Sequence[int], activation: str | Activation = "hardsigmoid", slope: float = 1.0,
+                 last_linear: bool = False, init: str = "kaiming", alpha: float = 0.5, **kw):
+        widths = list(widths)
+        if len(widths) < 1 or any((not isinstance(w, int)) or w <= 0 for w in widths):
+            raise ValueError(f"DenseHopfield: widths must be positive integers, got {widths}")
+        couplings = [DenseCoupling(a, b) for a, b in zip(widths[:-1], widths[1:])]
+        super().__init__(couplings, _layer_activations(len(widths), activation, slope, last_linear), **kw)
+        self.widths = widths
+        init_module_(self, init, alpha)
+
+
+class ConvHopfield(HopfieldBlock):
+    """Convolutional deep Hopfield block: 3x3 convolutions with optional 2x2 max-pooling
+    per coupling, then optional dense layers.
+
+    channels: per-layer channel counts, channels[0] is the input current's channels.
+    pools:    one character per coupling between conv layers, 'm' (max-pool) or '-'.
+    fc:       widths of dense layers after the last conv layer (needs `in_size`).
+    in_size:  spatial size (H, W) of the input current; required only when fc is given.
+    """
+
+    def __init__(self, channels: Sequence[int], pools: str = "", fc: Sequence[int] = (),
+                 in_size: int | tuple[int, int] | None = None, activation: str | Activation = "hardsigmoid",
+                 slope: float = 1.0, last_linear: bool = False, init: str = "goe", variance: float = 8.351e-5,
+                 alpha: float = 0.5, **kw):
+        channels, fc = list(channels), list(fc)
+        if len(pools) != len(channels) - 1 or any(p not in "m-" for p in pools):
+            raise ValueError(f"ConvHopfield: pools must have one 'm' or '-' per conv coupling "
+                             f"({len(channels) - 1}), got {pools!r}")
+        couplings: list[Coupling] = [ConvCoupling(a, b, p == "m") for a, b, p in zip(channels[:-1], channels[1:], pools)]
+        if fc:
+            if in_size is None:
+                raise ValueError("ConvHopfield: dense layers (fc) need in_size, the input's spatial size")
+            h, w = (in_size, in_size) if isinstance(in_size, int) else in_size
+            for p in pools:
+                h, w = (h // 2, w // 2) if p == "m" else (h, w)
+            widths = [channels[-1] * h * w, *fc]
+            couplings += [DenseCoupling(a, b) for a, b in zip(widths[:-1], widths[1:])]
+        n_layers = len(channels) + len(fc)
+        super().__init__(couplings, _layer_activations(n_layers, activation, slope, last_linear), **kw)
+        self.channels, self.pools, self.fc = channels, pools, fc
+        init_module_(self, init, alpha, variance)
