@@ -1,0 +1,7 @@
+"""Hamiltonian recurrent units, RHEL and Hamiltonian SSMs (SPEC §9)."""
+from .hssm import HSSM, HSSMBlock, build_hssm
+from .rhel import echo, reverse, rhel_trajectory
+from .units import HRU, LinearHRU, NonlinearHRU, make_hru
+
+__all__ = ["HRU", "LinearHRU", "NonlinearHRU", "make_hru", "echo", "reverse", "rhel_trajectory",
+           "HSSM", "HSSMBlock", "build_hssm"]
