@@ -1,0 +1,193 @@
+"""Sequence data: a reader for the UEA/UCR ``.ts`` format and image-to-sequence views.
+
+``.ts`` files (as shipped by the UEA archive and inside the ``sktime`` wheel) have a header of
+``@key value`` lines (``@problemName``, ``@timeStamps``, ``@missing``, ``@univariate``,
+``@dimensions``, ``@equalLength``, ``@seriesLength``, ``@classLabel true <labels...>`` or
+``@targetLabel true``), then ``@data`` and one case per line: the dimensions separated by
+``:``, each a comma-separated list of values, the class label (or regression target) last.
+``#`` starts a comment line. Time-stamped series (``@timeStamps true``) are not supported.
+A missing value ``?`` is an error by default, or NaN with ``missing="nan"``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .formats import DatasetError, missing
+
+
+@dataclass
+class TsFile:
+    series: list[np.ndarray]      # one float64 array (length, dims) per case
+    y: np.ndarray                 # int64 class indices (declared label order) or float64 targets
+    class_names: tuple[str, ...] | None  # None for regression files
+    header: dict[str, str]
+
+
+def _bool(value: str, path: Path, lineno: int, key: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("true", "false"):
+        raise DatasetError(f"{path}:{lineno}: @{key} must be true or false, found {value!r}")
+    return v == "true"
+
+
+def read_ts(path: Path, missing_values: str = "error") -> TsFile:
+    """Parse one ``.ts`` file; errors name the file and line."""
+    path = Path(path)
+    if missing_values not in ("error", "nan"):
+        raise ValueError(f"missing must be 'error' or 'nan', got {missing_values!r}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise missing(".ts file", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
+    header: dict[str, str] = {}
+    class_names: tuple[str, ...] | None = None
+    target = False
+    data_start = None
+    for lineno, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if not s.startswith("@"):
+            raise DatasetError(f"{path}:{lineno}: expected a header line '@key value' before @data, found {s[:40]!r}")
+        key, _, value = s[1:].partition(" ")
+        key = key.lower()
+        if key == "data":
+            data_start = lineno
+            break
+        header[key] = value.strip()
+        if key == "timestamps" and _bool(value, path, lineno, key):
+            raise DatasetError(f"{path}:{lineno}: time-stamped series (@timeStamps true) are not supported")
+        if key == "classlabel":
+            flag, *labels = value.split()
+            if _bool(flag or "", path, lineno, key):
+                if not labels:
+                    raise DatasetError(f"{path}:{lineno}: @classLabel true declares no labels")
+                class_names = tuple(labels)
+        if key == "targetlabel":
+            target = _bool(value, path, lineno, key)
+    if data_start is None:
+        raise DatasetError(f"{path}: no @data line; not a .ts file or truncated")
+    if class_names is None and not target:
+        raise DatasetError(f"{path}: header declares neither '@classLabel true <labels>' nor '@targetLabel true'")
+    label_index = {name: i for i, name in enumerate(class_names or ())}
+    declared_dims = int(header["dimensions"]) if "dimensions" in header else None
+    equal = "equallength" in header and _bool(header["equallength"], path, 0, "equalLength")
+    declared_len = int(header["serieslength"]) if equal and "serieslength" in header else None
+
+    series, ys = [], []
+    for lineno in range(data_start + 1, len(lines) + 1):
+        s = lines[lineno - 1].strip()
+        if not s or s.startswith("#"):
+            continue
+        *dims, label = s.split(":")
+        if not dims:
+            raise DatasetError(f"{path}:{lineno}: no ':' separating the series from the label")
+        if declared_dims is None:
+            declared_dims = len(dims)
+        if len(dims) != declared_dims:
+            raise DatasetError(f"{path}:{lineno}: {len(dims)} dimensions, expected {declared_dims}")
+        values = []
+        for d, part in enumerate(dims):
+            items = part.split(",")
+            if "?" in items:
+                if missing_values == "error":
+                    raise DatasetError(f"{path}:{lineno}: missing value '?' in dimension {d} "
+                                       "(pass missing='nan' to read it as NaN)")
+                items = ["nan" if v == "?" else v for v in items]
+            try:
+                values.append(np.asarray(items, dtype=np.float64))
+            except ValueError:
+                raise DatasetError(f"{path}:{lineno}: dimension {d} has a non-numeric value") from None
+        lengths = {len(v) for v in values}
+        if len(lengths) != 1:
+            raise DatasetError(f"{path}:{lineno}: dimensions have different lengths {[len(v) for v in values]}")
+        length = lengths.pop()
+        expected = declared_len if declared_len is not None else (len(series[0]) if series else length)
+        if equal and length != expected:
+            raise DatasetError(f"{path}:{lineno}: series length {length}, but @equalLength true with length {expected}")
+        label = label.strip()
+        if target:
+            try:
+                ys.append(float(label))
+            except ValueError:
+                raise DatasetError(f"{path}:{lineno}: target {label!r} is not a number") from None
+        else:
+            if label not in label_index:
+                raise DatasetError(f"{path}:{lineno}: label {label!r} is not among the declared labels {list(class_names)}")
+            ys.append(label_index[label])
+        series.append(np.stack(values, axis=1))
+    if not series:
+        raise DatasetError(f"{path}: no cases after @data")
+    y = np.asarray(ys, dtype=np.float64 if target else np.int64)
+    return TsFile(series, y, class_names, header)
+
+
+def pad_series(series: list[np.ndarray], pad: str = "edge") -> tuple[np.ndarray, np.ndarray]:
+    """Stack cases of unequal length into float32 ``(N, T_max, F)`` and their int64 lengths.
+
+    ``pad="edge"`` repeats each case's last observation to ``T_max`` (so a model reading the last
+    step sees the last real input held constant); ``pad="zero"`` fills with zeros.
+    """
+    if pad not in ("edge", "zero"):
+        raise ValueError(f"pad must be 'edge' or 'zero', got {pad!r}")
+    lengths = np.asarray([len(s) for s in series], dtype=np.int64)
+    out = np.zeros((len(series), int(lengths.max()), series[0].shape[1]), dtype=np.float32)
+    for i, s in enumerate(series):
+        out[i, : len(s)] = s
+        if pad == "edge":
+            out[i, len(s):] = s[-1]
+    return out, lengths
+
+
+def uea_problem(name: str) -> str | None:
+    """``uea_japanese_vowels`` -> ``JapaneseVowels``, ``uea:Name`` -> ``Name``; None if not a UEA name."""
+    if name.startswith("uea:"):
+        return name[4:]
+    if name.startswith("uea_"):
+        return "".join(w.capitalize() for w in name[4:].split("_"))
+    return None
+
+
+def sktime_data_dir() -> Path | None:
+    """Where the optional sktime wheel keeps its bundled ``.ts`` files (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec("sktime")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def uea_candidates(problem: str, split: str, root: Path) -> list[Path]:
+    """Paths searched for ``<Problem>_TRAIN.ts`` / ``_TEST.ts``: the data dir, then sktime's."""
+    fname = f"{problem}_{split.upper()}.ts"
+    paths = [root / "uea" / problem / fname]
+    bundled = sktime_data_dir()
+    if bundled is not None:
+        paths.append(bundled / problem / fname)
+    return paths
+
+
+def image_to_sequence(x: np.ndarray, mode: str, permute_seed: int | None = None) -> np.ndarray:
+    """uint8 images ``(N, 1, H, W)`` -> float32 sequences in [0, 1]: rows ``(N, H, W)`` or pixels ``(N, H*W, 1)``.
+
+    ``permute_seed`` applies one fixed random permutation of the time steps (the same for all
+    examples and splits), drawn from ``torch.Generator().manual_seed(permute_seed)``.
+    """
+    import torch
+
+    n, c, h, w = x.shape
+    if c != 1:
+        raise ValueError(f"sequence views need single-channel images, got {c} channels")
+    seq = x.reshape(n, h, w) if mode == "row" else x.reshape(n, h * w, 1)
+    if permute_seed is not None:
+        perm = torch.randperm(seq.shape[1], generator=torch.Generator().manual_seed(int(permute_seed))).numpy()
+        seq = seq[:, perm]
+    return seq.astype(np.float32) / np.float32(255)
