@@ -92,6 +92,10 @@ _ALLOWED = {  # the only globals a pickled dict of numpy arrays and lists needs
 }
 
 
+class _Forbidden(pickle.UnpicklingError):
+    pass
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds numpy arrays and builtin containers: a data file cannot run code."""
 
@@ -99,7 +103,7 @@ class _SafeUnpickler(pickle.Unpickler):
         key = f"{module.removeprefix('numpy.core.').removeprefix('numpy._core.')}.{name}"
         if key in _ALLOWED:
             return _ALLOWED[key]
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a dataset file")
+        raise _Forbidden(f"global {module}.{name} is not allowed in a dataset file")
 
 
 def read_pickle_dict(path: Path, keys: tuple[str, ...]) -> dict:
@@ -109,6 +113,8 @@ def read_pickle_dict(path: Path, keys: tuple[str, ...]) -> dict:
             d = _SafeUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise missing("pickle batch", path) from None
+    except _Forbidden as e:
+        raise DatasetError(f"{path}: refusing to unpickle: {e} (only numpy arrays, lists and dicts are)") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise DatasetError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
     if not isinstance(d, dict):
