@@ -15,6 +15,7 @@ from eqprop.data import (Dataset, DatasetError, DatasetNotFound, DeviceLoader, c
                          resolve_data_dir)
 from eqprop.data import cli as data_cli
 from eqprop.data import datasets as data_datasets
+from eqprop.data import sequences
 
 rng = np.random.default_rng(0)
 
@@ -504,6 +505,23 @@ def test_real_fashion_mnist(tmp_path, monkeypatch):
     for ds in (train, test):
         assert ds.y.min() == 0 and ds.y.max() == 9 and torch.bincount(ds.y).tolist() == [len(ds) // 10] * 10
     assert 0.28 < train.mean[0] < 0.29 and 0.35 < train.std[0] < 0.36
+
+
+def _sktime_has(problem: str) -> bool:
+    d = sequences.sktime_data_dir()
+    return d is not None and (d / problem / f"{problem}_TRAIN.ts").is_file()
+
+
+@pytest.mark.skipif(not (_sktime_has("JapaneseVowels") and _sktime_has("BasicMotions")),
+                    reason="the optional sktime extra is not installed")
+def test_real_uea_from_sktime(tmp_path):
+    jv = load_dataset("uea_japanese_vowels", "train", tmp_path)
+    jv_test = load_dataset("uea_japanese_vowels", "test", tmp_path)
+    assert jv.x.shape[0] == 270 and jv.x.shape[2] == 12 and jv_test.x.shape[0] == 370
+    assert jv.num_classes == 9 and torch.bincount(jv.y).tolist() == [30] * 9
+    assert int(jv_test.lengths.min()) == 7 and int(jv_test.lengths.max()) == 29
+    bm = load_dataset("uea_basic_motions", "test", tmp_path)
+    assert bm.x.shape == (40, 100, 6) and bm.class_names == ("Standing", "Running", "Walking", "Badminton")
 
 
 # ------------------------------------------------------------------ CLI

@@ -120,14 +120,16 @@ def _image_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _sequence_stats(x: np.ndarray, lengths: np.ndarray | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-feature mean/std over all observed time steps (padding excluded)."""
-    t = torch.from_numpy(x).double()
+    """Per-feature mean/std (population, float64) over all observed time steps (padding excluded)."""
+    t = torch.from_numpy(x)
     if lengths is None:
         flat = t.reshape(-1, t.shape[-1])
     else:
-        mask = torch.arange(t.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
-        flat = t[mask]
-    return tuple(flat.mean(0).tolist()), tuple(flat.std(0, unbiased=False).tolist())
+        flat = t[torch.arange(t.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]]
+    chunks = flat.split(1 << 20)
+    mean = sum(c.sum(0, dtype=torch.float64) for c in chunks) / len(flat)
+    var = sum(((c.double() - mean) ** 2).sum(0) for c in chunks) / len(flat)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
 
 def _read_uea(name: str, split: str, root: Path, pad: str, missing_values: str):

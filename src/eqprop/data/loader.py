@@ -43,8 +43,8 @@ def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor | None,
     cols = torch.arange(w, device=x.device)[None, :] + shifts[:, 1:]
     if flips is not None:
         cols = torch.where(flips[:, None], cols.flip(1), cols)
-    out = x.gather(2, rows.clamp(0, h - 1)[:, None, :, None].expand(b, c, h, w))
-    out = out.gather(3, cols.clamp(0, w - 1)[:, None, None, :].expand(b, c, h, w))
+    flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]  # (B, H, W) source pixel
+    out = x.reshape(b, c, h * w).gather(2, flat.reshape(b, 1, h * w).expand(b, c, h * w)).reshape(b, c, h, w)
     if padding_mode == "zero":
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         out = out * inside[:, None].to(out.dtype)
