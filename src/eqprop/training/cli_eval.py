@@ -1,0 +1,73 @@
+"""`eqprop eval CHECKPOINT [key=value ...]`: test loss, top-1 and top-5 of a saved model.
+
+    eqprop eval runs/demo/checkpoint.pt
+    eqprop eval runs/demo/checkpoint.pt model.T1=100 --data-dir ~/data   # relax longer at test time
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import DEFAULTS, ConfigError, apply_overrides, merge
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint.pt written by eqprop train")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for evaluation (e.g. model.T1=100 eval_batch_size=256 device=cpu)")
+    parser.add_argument("--data-dir", help="data directory (default: the checkpoint's, $EQPROP_DATA, ~/.cache/eqprop)")
+
+
+@torch.no_grad()
+def evaluate_checkpoint(path: str, overrides: list[str] = (), data_dir: str | None = None) -> dict:
+    """Load the checkpoint's config and model, and evaluate it on the test split."""
+    from ..data import DeviceLoader, default_std_factor, load_dataset
+    from . import checkpoint
+    from .distributed import resolve_device
+    from .metrics import EpochTotals
+    from .models import DTYPES, build_model, model_inputs
+
+    state = checkpoint.load(path)
+    extra = list(overrides) + ([f"data_dir={data_dir}"] if data_dir else [])
+    cfg = apply_overrides(merge(DEFAULTS, state["config"], allow_new=True), extra)
+    device = resolve_device(cfg["device"])
+    dtype = DTYPES[cfg["dtype"]]
+    test_set = load_dataset(cfg["dataset"], "test", cfg["data_dir"], **cfg["dataset_options"])
+    model = build_model(cfg, model_inputs(test_set))
+    checkpoint.load_model_state(model, state["model"], path)
+    fmt = torch.channels_last if cfg["channels_last"] else None
+    model = model.to(device, dtype)
+    if fmt is not None:
+        model = model.to(memory_format=fmt)
+    model.eval()
+    std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(test_set.name)
+    loader = DeviceLoader(test_set, cfg["eval_batch_size"], train=False, device=device, augment=False,
+                          std_factor=std, dtype=dtype, limit=cfg["limit_test"], memory_format=fmt)
+    totals = EpochTotals(device)
+    t0 = time.perf_counter()
+    for x, y in loader:
+        logits = model(x)
+        totals.add(F.cross_entropy(logits.float(), y), logits, y)
+    out = totals.values()
+    out.update({"time_s": time.perf_counter() - t0, "config": cfg["name"], "dataset": cfg["dataset"],
+                "epoch": int(state["position"]["epoch"])})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import DatasetError
+    from .checkpoint import CheckpointError
+
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.overrides, args.data_dir)
+    except (ConfigError, CheckpointError, DatasetError) as e:
+        print(f"eqprop eval: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.checkpoint}: config {r['config']} after {r['epoch']} epoch(s), {r['dataset']} test set "
+          f"({r['count']} examples): loss {r['loss']:.4f}, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}% "
+          f"({r['time_s']:.1f} s)")
+    return 0

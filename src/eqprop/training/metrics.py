@@ -1,0 +1,105 @@
+"""Per-epoch metrics: top-k counts, a JSON-lines log, TensorBoard, and the learning-curve PNG."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def topk_correct(logits: Tensor, y: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """Number of samples whose label is among the k highest logits, for each k (0-dim tensors;
+    k is capped at the number of classes)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top == y[:, None]
+    return [hit[:, : min(k, kmax)].any(1).sum() for k in ks]
+
+
+class EpochTotals:
+    """Running sums on the training device (no host sync until `.values()`)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        n = y.shape[0]
+        c1, c5 = topk_correct(logits.detach(), y)
+        self.sums += torch.stack([loss.detach().double() * n, c1.double(), c5.double(),
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def values(self) -> dict[str, float]:
+        loss, c1, c5, n = self.sums.tolist()
+        n = max(n, 1.0)
+        return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "count": int(n)}
+
+
+class MetricsLogger:
+    """Appends one JSON object per epoch to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, fresh: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and self.path.exists():
+            self.path.unlink()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only "
+                              "(pip install 'eqprop[tensorboard]' to get TensorBoard logs)", stacklevel=2)
+            else:
+                self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["epoch"]
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | None:
+    """Loss and top-1 accuracy per epoch, train and test, as a PNG; None if nothing logged."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy"), (axes[1], "top1", "top-1 accuracy (%)")):
+        for split, style in (("train", "o-"), ("test", "s-")):
+            pts = [(r["epoch"], r[f"{split}_{metric}"]) for r in records if f"{split}_{metric}" in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

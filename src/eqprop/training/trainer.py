@@ -1,0 +1,353 @@
+"""The training loop: epochs of (forward, loss, estimator backward, optimizer step), evaluation,
+metrics, checkpoints and resumption.
+
+    trainer = Trainer(load_config("fmnist_cpu", ["epochs=1"]))
+    summary = trainer.fit()
+
+Resuming (`resume=true`) restores model, optimizer, scheduler, RNG states and the position in
+training (epoch and step; the loader's order is a function of seed and epoch, so a run
+interrupted by Ctrl-C mid-epoch continues from the next batch) and, on CPU, ends bit-identical
+to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..blocks import DivergenceError
+from . import checkpoint as ckpt_io
+from . import distributed
+from .config import ConfigError, to_yaml
+from .metrics import EpochTotals, MetricsLogger, plot_curves
+from .models import DTYPES, blocks_outside_autocast, build_model, model_inputs, relax_summary
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, diverged relaxation); the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
+    if optim["name"] == "adam":
+        return torch.optim.Adam(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
+    return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"],
+                           weight_decay=optim["weight_decay"])
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: dict, epochs: int, steps_per_epoch: int):
+    """Cosine annealing from lr to lr_min over all epochs (stepped per epoch or per step)."""
+    if optim["schedule"] == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    total = epochs if optim["schedule_unit"] == "epoch" else epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=optim["lr_min"])
+
+
+class Trainer:
+    """Builds data, model, optimizer and schedule from a config, and trains.
+
+    `train_set`/`test_set` (eqprop.data.Dataset) replace loading `cfg['dataset']` (tests).
+    `on_step(trainer)` is called after every optimizer step (tests, instrumentation).
+    """
+
+    def __init__(self, cfg: dict, train_set=None, test_set=None, echo: Callable[[str], None] = print,
+                 on_step: Callable[["Trainer"], None] | None = None):
+        self.cfg = cfg
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        self.dist = distributed.setup(cfg["device"])
+        self.device = self.dist.device
+        self.echo = echo if self.dist.is_main else (lambda _msg: None)
+        self.on_step = on_step
+        self.out_dir = Path(cfg["out_dir"] or Path("runs") / str(cfg["name"]))
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.dtype = DTYPES[cfg.get("dtype", "float32")]
+        seed_everything(cfg["seed"])
+
+        from ..data import DeviceLoader, default_std_factor, load_dataset
+        if train_set is None or test_set is None:
+            opts = cfg["dataset_options"]
+            train_set = train_set or load_dataset(cfg["dataset"], "train", cfg["data_dir"], **opts)
+            test_set = test_set or load_dataset(cfg["dataset"], "test", cfg["data_dir"], **opts)
+        self.model = build_model(cfg, model_inputs(train_set)).to(self.device, self.dtype)
+        fmt = torch.channels_last if cfg["channels_last"] else None
+        if fmt is not None:
+            self.model = self.model.to(memory_format=fmt)
+        std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(train_set.name)
+        common = dict(device=self.device, std_factor=std, rank=self.dist.rank, world_size=self.dist.world_size,
+                      dtype=self.dtype, memory_format=fmt)
+        self.train_loader = DeviceLoader(train_set, cfg["batch_size"], train=True, augment=cfg["augment"],
+                                         seed=cfg["seed"], limit=cfg["limit_train"], **common)
+        self.test_loader = DeviceLoader(test_set, cfg["eval_batch_size"], train=False, augment=False,
+                                        limit=cfg["limit_test"], **common)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"batch_size {cfg['batch_size']} is larger than the {self.train_loader.num_examples} "
+                              f"training examples (the last partial batch is dropped)")
+        self.net: nn.Module = distributed.wrap(self.model, self.dist)
+        if cfg["compile"]:
+            self.net = torch.compile(self.net)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
+        self.scheduler = make_scheduler(self.optimizer, cfg["optim"], cfg["epochs"], len(self.train_loader))
+        self.autocast = AUTOCAST.get(cfg["precision"])
+        if self.autocast is not None:
+            blocks_outside_autocast(self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg["precision"] == "fp16" else None
+        self.epoch, self.step = 0, 0          # position: epochs done, steps done in the current epoch
+        self.partial: torch.Tensor | None = None  # metric sums of a partly done epoch
+        self._stop = False
+        self.resumed = False
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": ckpt_io.FORMAT,
+            "config": self.cfg,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": ckpt_io.rng_state(),
+            "position": {"epoch": self.epoch, "step": self.step},
+            "partial": None if self.partial is None else self.partial.cpu(),
+        }
+
+    def save(self) -> Path | None:
+        """Write the checkpoint (main rank), refusing if any parameter is not finite."""
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"parameters {bad[:3]} hold NaN/inf at epoch {self.epoch + 1}; checkpoint not "
+                                f"written, the last good one ({self.ckpt_path}) is kept")
+        path = ckpt_io.save_atomic(self.state_dict(), self.ckpt_path) if self.dist.is_main else None
+        distributed.barrier(self.dist)
+        return path
+
+    def resume(self, path: str | os.PathLike | None = None) -> None:
+        """Restore everything from a checkpoint (default: <out_dir>/checkpoint.pt)."""
+        path = Path(path or self.ckpt_path)
+        state = ckpt_io.load(path, map_location=self.device)
+        ckpt_io.load_model_state(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit: {e}") from None
+        if hasattr(self.scheduler, "T_max"):  # epochs may have been raised on resume
+            unit = self.cfg["optim"]["schedule_unit"]
+            self.scheduler.T_max = self.cfg["epochs"] * (1 if unit == "epoch" else len(self.train_loader))
+        ckpt_io.set_rng_state(state["rng"])
+        self.epoch, self.step = int(state["position"]["epoch"]), int(state["position"]["step"])
+        self.partial = state.get("partial")
+        self.resumed = True
+        where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"epoch {self.epoch + 1}"
+        self.echo(f"resumed from {path}: continuing at {where}")
+
+    # ---- one step, one epoch, evaluation -------------------------------------------------
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.autocast is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                logits = net(x)
+        else:
+            logits = net(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        try:
+            loss, logits = self._forward_loss(x, y, self.net)
+            if distributed.any_flag(not math.isfinite(loss.item()), self.dist):
+                raise TrainingError(f"loss is NaN/inf at {where}; stopping. The last good checkpoint "
+                                    f"({self.ckpt_path}) is kept; lower optim.lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+        except DivergenceError as e:
+            raise TrainingError(f"relaxation diverged at {where}: {e}. The last good checkpoint "
+                                f"({self.ckpt_path}) is kept") from None
+        return loss.detach(), logits.detach()
+
+    def train_epoch(self) -> dict | None:
+        """Train from the current position to the end of the epoch; None if stopped by Ctrl-C."""
+        from tqdm import tqdm
+
+        self.net.train()
+        loader = self.train_loader
+        loader.set_epoch(self.epoch)
+        totals = EpochTotals(self.device)
+        if self.partial is not None:
+            totals.sums.copy_(self.partial.to(totals.sums))
+        batches = iter(loader)
+        for _ in range(self.step):  # batches done before an interruption
+            next(batches)
+        per_step = self.cfg["optim"]["schedule_unit"] == "step"
+        bar = tqdm(total=len(loader), initial=self.step, desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
+                   disable=not (self.cfg["progress"] and self.dist.is_main), dynamic_ncols=True, leave=True)
+        every = 1 if self.device.type == "cpu" else 10
+        data_time, relax_sums, relax_n, t0 = 0.0, {}, 0, time.perf_counter()
+        run_loss = run_correct = run_n = 0.0
+        try:
+            while True:
+                if distributed.any_flag(self._stop, self.dist):
+                    self.partial = totals.sums.clone()
+                    return None
+                t = time.perf_counter()
+                batch = next(batches, None)
+                data_time += time.perf_counter() - t
+                if batch is None:
+                    break
+                x, y = batch
+                loss, logits = self.train_step(x, y)
+                totals.add(loss, logits, y)
+                self.step += 1
+                if per_step:
+                    self.scheduler.step()
+                for phase, iters in relax_summary(self.model).items():
+                    relax_sums[phase] = relax_sums.get(phase, 0.0) + iters
+                relax_n += 1
+                if self.on_step is not None:
+                    self.on_step(self)
+                bar.update(1)
+                if self.step % every == 0 and bar.disable is False:
+                    n = y.shape[0]
+                    run_loss += loss.item() * n
+                    run_correct += (logits.argmax(1) == y).sum().item()
+                    run_n += n
+                    post = {"loss": f"{run_loss / run_n:.3f}", "acc": f"{100 * run_correct / run_n:.1f}"}
+                    post.update({f"it_{k}": f"{v / relax_n:.1f}" for k, v in relax_sums.items()})
+                    bar.set_postfix(post, refresh=False)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        sums = distributed.all_reduce_sum(totals.sums.clone(), self.dist)
+        totals.sums = sums
+        out = {f"train_{k}": v for k, v in totals.values().items() if k != "count"}
+        out.update({f"iters_{k}": v / max(relax_n, 1) for k, v in relax_sums.items()})
+        out.update({"train_time_s": elapsed, "data_share": data_time / max(elapsed, 1e-12)})
+        self.partial = None
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Test loss, top-1 and top-5 over the whole test set (all ranks' shards)."""
+        from tqdm import tqdm
+
+        self.model.eval()
+        totals = EpochTotals(self.device)
+        t0 = time.perf_counter()
+        show = self.cfg["progress"] and self.dist.is_main
+        for x, y in tqdm(self.test_loader, desc="  test", disable=not show, leave=False, dynamic_ncols=True):
+            loss, logits = self._forward_loss(x, y, self.model)
+            totals.add(loss, logits, y)
+        totals.sums = distributed.all_reduce_sum(totals.sums, self.dist)
+        out = {f"test_{k}": v for k, v in totals.values().items() if k != "count"}
+        out["eval_time_s"] = time.perf_counter() - t0
+        return out
+
+    # ---- the whole run -------------------------------------------------------------------
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+        self.echo("\ninterrupted: finishing this step, then writing a checkpoint "
+                  "(press Ctrl-C again to quit without saving)")
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        c = self.cfg
+        return (f"config {c['name']}: {c['dataset']} ({self.train_loader.num_examples} train / "
+                f"{self.test_loader.num_examples} test), model {c['model']['kind']} with {n:,} parameters, "
+                f"algorithm {c['algorithm']}, {c['epochs']} epochs of {len(self.train_loader)} steps "
+                f"(batch {c['batch_size']}), device {self.device} x{self.dist.world_size}, "
+                f"threads {torch.get_num_threads()}, out_dir {self.out_dir}")
+
+    def fit(self) -> dict:
+        """Train to `epochs`; returns a summary (status 'completed' or 'interrupted')."""
+        cfg = self.cfg
+        self.echo(self.describe())
+        logger = None
+        if self.dist.is_main:
+            if not self.resumed and self.ckpt_path.exists():
+                self.echo(f"note: {self.ckpt_path} from an earlier run will be replaced "
+                          f"(pass --resume to continue that run instead)")
+            logger = MetricsLogger(self.out_dir, cfg["tensorboard"], fresh=not self.resumed)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        handler_set = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_set else None
+        last: dict = {}
+        status = "completed"
+        try:
+            while self.epoch < cfg["epochs"]:
+                t0, c0 = time.perf_counter(), time.process_time()
+                lr = self.optimizer.param_groups[0]["lr"]  # at the start of the epoch
+                train = self.train_epoch()
+                if train is None:
+                    status = "interrupted"
+                    break
+                record = {"epoch": self.epoch + 1, "lr": lr, **train}
+                if (self.epoch + 1) % cfg["eval_every"] == 0 or self.epoch + 1 == cfg["epochs"]:
+                    record.update(self.evaluate())
+                record.update({"epoch_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0,
+                               "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
+                self.epoch, self.step = self.epoch + 1, 0
+                if cfg["optim"]["schedule_unit"] == "epoch":
+                    self.scheduler.step()
+                self.save()
+                if logger is not None:
+                    logger.log(record)
+                self.echo(_format_record(record, cfg["epochs"]))
+                last = record
+                if self._stop:
+                    status = "interrupted"
+                    break
+            if status == "interrupted" and self.epoch < cfg["epochs"]:
+                self.save()
+                self.echo(f"checkpoint written to {self.ckpt_path} at epoch {self.epoch + 1}, step {self.step}; "
+                          f"continue with --resume")
+        finally:
+            if handler_set:
+                signal.signal(signal.SIGINT, previous)
+            if logger is not None:
+                logger.close()
+        png = plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png", cfg["name"]) \
+            if self.dist.is_main else None
+        if png is not None:
+            self.echo(f"learning curves: {png}")
+        return {"status": status, "epoch": self.epoch, "step": self.step, "last": last,
+                "checkpoint": str(self.ckpt_path), "curves": None if png is None else str(png)}
+
+    def close(self) -> None:
+        distributed.teardown(self.dist)
+
+
+def _format_record(r: dict, epochs: int) -> str:
+    parts = [f"epoch {r['epoch']}/{epochs}", f"train loss {r['train_loss']:.4f} top-1 {r['train_top1']:.2f}%"]
+    if "test_top1" in r:
+        parts.append(f"test loss {r['test_loss']:.4f} top-1 {r['test_top1']:.2f}% top-5 {r['test_top5']:.2f}%")
+    iters = ", ".join(f"{k[6:]} {v:.1f}" for k, v in r.items() if k.startswith("iters_"))
+    if iters:
+        parts.append(f"iterations {iters}")
+    parts.append(f"{r['epoch_time_s']:.0f} s (data {100 * r['data_share']:.1f}% of training)")
+    return " | ".join(parts)

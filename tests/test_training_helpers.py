@@ -1,0 +1,50 @@
+"""Shared helpers of the training tests: tiny learnable datasets and configs."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eqprop.data import Dataset
+from eqprop.training.config import load_config
+
+
+def synthetic_images(n: int, side: int = 8, classes: int = 4, seed: int = 0, split: str = "train") -> Dataset:
+    """Class k lights up the k-th horizontal band of a noisy image: easy to learn, cheap to run."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randint(0, 60, (n, 1, side, side), generator=g).to(torch.uint8)
+    band = side // classes
+    for k in range(classes):
+        x[y == k, :, k * band:(k + 1) * band, :] += 150
+    xf = x.double() / 255
+    return Dataset(x=x, y=y, num_classes=classes, mean=(xf.mean().item(),), std=(xf.std().item(),),
+                   name="synthetic", kind="image", split=split)
+
+
+def tiny_config(out_dir: Path, *overrides: str) -> dict:
+    """fmnist_cpu shrunk to a one-block conv model on 8x8 images, no progress bars or TensorBoard."""
+    base = [
+        'model.blocks=[{channels: [1, 4, 8], pools: "m-"}]', "model.T1=4", "model.tol=null",
+        "estimator.ep.T2=3", "batch_size=16", "eval_batch_size=32", "epochs=2", "progress=false",
+        "tensorboard=false", f"out_dir={out_dir}", "threads=1", "optim.lr=0.01",
+    ]
+    return load_config("fmnist_cpu", base + list(overrides))
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 16) -> Path:
+    """Tiny Fashion-MNIST idx files under root/fashion_mnist (random 28x28 images)."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / "fashion_mnist" / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / "fashion_mnist" / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return root
