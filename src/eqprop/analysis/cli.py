@@ -1,0 +1,37 @@
+"""`eqprop analyze`: dispatch to one analysis (gdd, splitting, rhel).
+
+Each analysis module provides `add_arguments(parser)` and `run(args) -> int`; it is
+imported only when its analysis runs, and parses the options after the analysis name.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+ANALYSES = {
+    "gdd": ("eqprop.analysis.gdd", "static gradient analysis: EP's nudged transient vs truncated BPTT (SPEC §5)"),
+    "splitting": ("eqprop.analysis.splitting", "split a deep Hopfield network into blocks: equilibrium cost and gradients"),
+    "rhel": ("eqprop.analysis.rhel", "Recurrent Hamiltonian Echo Learning vs BPTT (SPEC §9)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("analysis", choices=sorted(ANALYSES),
+                        help="; ".join(f"{k}: {v[1]}" for k, v in ANALYSES.items()))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the analysis' own options (ANALYSIS --help)")
+
+
+def build_parser(name: str):
+    """(parser, module) of one analysis."""
+    if name not in ANALYSES:
+        raise ValueError(f"eqprop analyze: unknown analysis {name!r}, expected one of {sorted(ANALYSES)}")
+    module_name, help_text = ANALYSES[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"eqprop analyze {name}", description=help_text)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def run(args: argparse.Namespace) -> int:
+    parser, module = build_parser(args.analysis)
+    return int(module.run(parser.parse_args(args.options)) or 0)

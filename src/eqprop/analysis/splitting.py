@@ -1,0 +1,266 @@
+"""Splitting study: one deep Hopfield network (DHN) of L layers cut into N blocks.
+
+Splitting a DHN into N blocks with the same layers replaces the couplings at the block
+boundaries by feedforward maps (convolution, pooling, batch-norm; SPEC §2, §6). For each
+split this measures, on one batch: iterations to reach the tolerance in the free and
+nudged phases (per block and in total), wall time of one relaxation (the free phase of
+the whole chain), time of one training step (free phase + EP backward + Adam step) and
+the cosine similarity of the EP gradient with the `id` gradient.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..chain import FFEBM, conv_ffebm
+
+# The L = 6 DHN of SPEC §6 as a 1-block spec: conv layers after the input map, then fc.
+DHN_L6 = {"channels": [3, 128, 256, 256, 512, 512], "pools": "mmmm-", "fc": [256]}
+GOE_V = 8.351e-5
+
+
+def num_layers(dhn: dict) -> int:
+    """Layers of the DHN: every conv layer after the input map, plus the dense ones."""
+    return len(dhn["channels"]) - 1 + len(dhn.get("fc", []))
+
+
+def split_dhn(dhn: dict, n_blocks: int) -> list[dict]:
+    """Block specs (for `conv_ffebm`) of `dhn` cut into `n_blocks` contiguous blocks.
+
+    Block sizes are as equal as possible (the first blocks take the remainder). Each
+    block's first layer is fed by the coupling below it, which becomes the block's
+    feedforward map. Dense layers must all fall in the last block, next to a conv layer.
+    """
+    ch, pools, fc = list(dhn["channels"]), dhn["pools"], list(dhn.get("fc", []))
+    n_conv, L = len(ch) - 1, num_layers(dhn)
+    if len(pools) != n_conv:
+        raise ValueError(f"split_dhn: pools {pools!r} must have one entry per convolution ({n_conv})")
+    if not (isinstance(n_blocks, int) and 1 <= n_blocks <= L):
+        raise ValueError(f"split_dhn: cannot split {L} layers into {n_blocks!r} blocks")
+    base, extra = divmod(L, n_blocks)
+    sizes = [base + (1 if j < extra else 0) for j in range(n_blocks)]
+    specs, start = [], 0
+    for j, n in enumerate(sizes):
+        stop = start + n  # layers [start, stop) of the L layers
+        conv_stop = min(stop, n_conv)
+        if conv_stop <= start:
+            raise ValueError(f"split_dhn: block {j + 1} of {n_blocks} would hold only dense layers; "
+                             f"the builder needs at least one conv layer per block")
+        spec = {"channels": ch[start:conv_stop + 1], "pools": pools[start:conv_stop]}
+        if stop > n_conv:
+            if j != n_blocks - 1:
+                raise ValueError(f"split_dhn: dense layers must all be in the last block (block {j + 1} of "
+                                 f"{n_blocks} would hold some)")
+            spec["fc"] = fc[: stop - n_conv]
+        specs.append(spec)
+        start = stop
+    return specs
+
+
+def scale_width(dhn: dict, div: int) -> dict:
+    """The DHN with every width (not the image channels) divided by `div`."""
+    if not (isinstance(div, int) and div >= 1):
+        raise ValueError(f"scale_width: divisor must be a positive integer, got {div!r}")
+    ch = [dhn["channels"][0]] + [max(1, c // div) for c in dhn["channels"][1:]]
+    return {"channels": ch, "pools": dhn["pools"], "fc": [max(1, c // div) for c in dhn.get("fc", [])]}
+
+
+def default_splits(L: int) -> list[int]:
+    """1, 2, 3 and L/2 blocks (those that divide into at least one layer each)."""
+    out = [n for n in (1, 2, 3) if n <= L]
+    if L % 2 == 0 and L // 2 not in out:
+        out.append(L // 2)
+    return out
+
+
+def build(dhn: dict, n_blocks: int, seed: int, **kw) -> FFEBM:
+    torch.manual_seed(seed)
+    return conv_ffebm(split_dhn(dhn, n_blocks), **kw)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _grads(model: FFEBM, x, y) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = a.norm(), b.norm()
+    return float("nan") if na == 0 or nb == 0 else float(a.flatten() @ b.flatten() / (na * nb))
+
+
+def measure_split(dhn: dict, n_blocks: int, x, y, seed: int, beta: float, tol: float, T1: int, T2: int,
+                  update: str, slope: float, variance: float, repeats: int) -> dict:
+    """All measurements of one split on one batch."""
+    model = build(dhn, n_blocks, seed, in_size=x.shape[-1], slope=slope, variance=variance, T1=T1, tol=tol,
+                  update=update, estimator="ep", estimator_settings={"beta": beta, "T2": T2, "tol": tol})
+    model = model.to(x.dtype).train()
+    sizes = [b.num_layers for b in model.blocks]
+    # Iterations: one forward + EP backward.
+    ep = _grads(model, x, y)
+    stats = model.relax_stats()
+    free = [s["free"]["iters"] for s in stats]
+    nudged = [s["nudged+"]["iters"] + s["nudged-"]["iters"] for s in stats]
+    converged = all(s[p]["converged"] for s in stats for p in ("free", "nudged+", "nudged-"))
+    # Gradient agreement with implicit differentiation.
+    model.set_estimator("id", max_iter=1000, tol=1e-7)
+    ident = _grads(model, x, y)
+    id_conv = all(s["adjoint"]["converged"] for s in model.relax_stats())
+    model.set_estimator("ep", beta=beta, T2=T2, tol=tol)
+    names = [n for n, _ in model.named_parameters()]
+    per_tensor = {n: _cos(a, b) for n, a, b in zip(names, ep, ident)}
+    whole = _cos(torch.cat([g.flatten() for g in ep]), torch.cat([g.flatten() for g in ident]))
+    # Wall times.
+    with torch.no_grad():
+        relax_s = _median_time(lambda: model(x), repeats)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    step_s = _median_time(step, repeats)
+    L = sum(sizes)
+    return {
+        "blocks": n_blocks, "layers_per_block": sizes,
+        "free_iters": free, "free_iters_total": sum(free),
+        "free_sweeps_equiv": sum(i * n for i, n in zip(free, sizes)) / L,
+        "nudged_iters": nudged, "nudged_iters_total": sum(nudged),
+        "converged": converged, "id_converged": id_conv,
+        "relax_time_s": relax_s, "step_time_s": step_s,
+        "cos_ep_id": whole, "min_tensor_cos_ep_id": min(v for v in per_tensor.values() if not math.isnan(v)),
+        "cos_ep_id_per_tensor": per_tensor,
+    }
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean over seeds of the scalar fields, first seed's lists."""
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "blocks":
+            out[k] = statistics.mean(r[k] for r in runs)
+    out["converged"] = all(r["converged"] for r in runs)
+    out["id_converged"] = all(r["id_converged"] for r in runs)
+    out["free_iters_per_seed"] = [r["free_iters_total"] for r in runs]
+    out["min_tensor_cos_ep_id"] = min(r["min_tensor_cos_ep_id"] for r in runs)
+    out.pop("cos_ep_id_per_tensor", None)
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = result["splits"]
+    base = rows[0]["free_iters_total"]
+    lines = [
+        "| blocks | layers/block | free iters (per block) | free iters total | speed-up (free iters) | "
+        "full-sweep equiv. | nudged iters (total, +/-) | relax time (s) | step time (s) | cos(EP, ID) | "
+        "min tensor cos |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['blocks']} | {'+'.join(map(str, r['layers_per_block']))} | {r['free_iters']} | "
+            f"{r['free_iters_total']:.1f} | {base / r['free_iters_total']:.2f}x | {r['free_sweeps_equiv']:.1f} | "
+            f"{r['nudged_iters_total']:.1f} | {r['relax_time_s']:.3f} | {r['step_time_s']:.3f} | "
+            f"{r['cos_ep_id']:.4f} | {r['min_tensor_cos_ep_id']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["splits"]
+    labels = [f"{r['blocks']} block{'s' if r['blocks'] > 1 else ''}" for r in rows]
+    panels = [("free_iters_total", "free-phase iterations (sum over blocks)"),
+              ("nudged_iters_total", "nudged-phase iterations (sum, +/-)"),
+              ("relax_time_s", "one relaxation (s)"),
+              ("step_time_s", "one training step (s)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(labels, [r[key] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"Splitting a {result['L']}-layer DHN (width /{result['width_div']}, batch {result['batch']}, "
+                 f"{result['update']}, tol {result['tol']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--splits", default=None, help="comma-separated block counts (default 1,2,3 and L/2)")
+    parser.add_argument("--width-div", type=int, default=8, help="divide every width by this (CPU size)")
+    parser.add_argument("--full-width", action="store_true", help="the published widths (same as --width-div 1)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--in-size", type=int, default=32)
+    parser.add_argument("--beta", type=float, default=0.2)
+    parser.add_argument("--tol", type=float, default=1e-6, help="tolerance of free and nudged phases")
+    parser.add_argument("--T1", type=int, default=1580, help="free-phase iteration cap")
+    parser.add_argument("--T2", type=int, default=1580, help="nudged-phase iteration cap")
+    parser.add_argument("--update", default="async", choices=["sync", "async"])
+    parser.add_argument("--slope", type=float, default=1.0)
+    parser.add_argument("--variance", type=float, default=None,
+                        help="GOE variance V (default 8.351e-5 times the width divisor, keeping the "
+                             "per-unit coupling strength of the full-width model)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--seeds", type=int, default=2, help="batches/initialisations averaged over")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default="runs/analyze", help="output folder (splitting.json/.md/.png)")
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    div = 1 if args.full_width else args.width_div
+    dhn = scale_width(DHN_L6, div)
+    L = num_layers(dhn)
+    splits = default_splits(L) if args.splits is None else [int(v) for v in args.splits.split(",")]
+    variance = args.variance if args.variance is not None else GOE_V * div
+    dtype = getattr(torch, args.dtype)
+    per_split = []
+    for n in splits:
+        split_dhn(dhn, n)  # fail early on an impossible split
+        runs = []
+        for seed in range(args.seeds):
+            gen = torch.Generator().manual_seed(1000 + seed)
+            x = torch.randn(args.batch, 3, args.in_size, args.in_size, generator=gen).to(dtype)
+            y = torch.randint(0, 10, (args.batch,), generator=gen)
+            runs.append(measure_split(dhn, n, x, y, seed, args.beta, args.tol, args.T1, args.T2, args.update,
+                                      args.slope, variance, args.repeats))
+        per_split.append(aggregate(runs))
+        r = per_split[-1]
+        print(f"{n} block(s): free iters {r['free_iters_total']:.1f}, nudged {r['nudged_iters_total']:.1f}, "
+              f"relax {r['relax_time_s']:.3f}s, step {r['step_time_s']:.3f}s, cos(EP,ID) {r['cos_ep_id']:.4f}",
+              flush=True)
+    result = {"L": L, "dhn": dhn, "width_div": div, "batch": args.batch, "in_size": args.in_size,
+              "beta": args.beta, "tol": args.tol, "T1": args.T1, "T2": args.T2, "update": args.update,
+              "slope": args.slope, "variance": variance, "dtype": args.dtype, "seeds": args.seeds,
+              "threads": torch.get_num_threads(), "splits": per_split}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "splitting")
+    table = markdown(result)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table + "\n")
+    plot(result, stem + ".png")
+    print(table)
+    print(f"wrote {stem}.json, {stem}.md and {stem}.png")
+    return 0
