@@ -1,0 +1,102 @@
+"""16-bit relaxation with the learning rules: the EP-style estimates stay float32-accurate."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eqprop.rules as R
+from eqprop import ConvHopfield, DenseHopfield, make_estimator
+from eqprop.study import build_model, load_config, squared_error
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+@pytest.mark.parametrize("update", ["sync", "async"])
+@pytest.mark.parametrize("pool", ["m", "-"])
+def test_deviation_steps_are_the_block_steps(update, pool):
+    """With the low dtype equal to float64, relaxing s = s* + d reproduces the block's own
+    iteration (conv with and without max-pool, dense couplings, sync and async)."""
+    torch.manual_seed(0)
+    block = ConvHopfield([2, 3, 4], pools=pool + "m", fc=[5], in_size=8, activation="hardsigmoid", init="kaiming",
+                         alpha=0.9, update=update, T1=15).double()
+    u = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    s_ref = block.relax(u, T=4, tol=None)[0]
+    s_ref = [x + 0.05 * torch.randn_like(x) for x in s_ref]  # not a fixed point
+    stepper = R._DeviationStepper(block, u, s_ref, torch.float64)
+    nudge = 0.1 * torch.randn(3, 5, dtype=torch.float64)
+    s = [x.clone() for x in s_ref]
+    s_dev = list(s)
+    for _ in range(6):
+        s = block.step(s, u, nudge)
+        s_dev = R.sweep(block, s_dev, stepper.preactivations, nudge, {}, held=False)
+    for a, b in zip(s, s_dev):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def cpu_model():
+    cfg = load_config("study_fmnist_cpu")
+    torch.manual_seed(0)
+    return build_model(cfg["model"], cfg["relax"], 1, 28, 10)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    # smooth random images (blurred noise), normalised like the data
+    x = F.avg_pool2d(torch.rand(16, 1, 32, 32, generator=g), 5, 1)
+    x = (x - x.mean()) / x.std()
+    y = torch.randint(0, 10, (16,), generator=g)
+    return x, F.one_hot(y, 10).float()
+
+
+def model_grads(model, x, y1, dtype, rule, **settings):
+    model.blocks[0].relax_dtype = dtype
+    model.blocks[0].estimator = make_estimator(rule, **settings)
+    model.zero_grad(set_to_none=True)
+    with R.targets(model, y1):
+        squared_error(model(x), y1).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["cep", "pep", "nep", "ccpl", "cl"])
+def test_16bit_relaxation_keeps_the_float32_gradient(batch, dtype, rule):
+    """On the CPU-sized model of the study, 16-bit relaxation with the default precision
+    handling ('deviation' second phases after a refined free state) gives a gradient whose
+    cosine with the float32 one is >= 0.99."""
+    x, y1 = batch
+    model = cpu_model()
+    g32 = model_grads(model, x, y1, None, rule)
+    g16 = model_grads(model, x, y1, dtype, rule)
+    assert cos(g32, g16) >= 0.99
+    assert model.blocks[0].stats["refine"].iters == 10
+
+
+def test_16bit_relaxation_of_the_second_phases_alone_loses_the_nudge(batch):
+    """The reason for the 'deviation' setting: second phases relaxed in bfloat16 states
+    (precision='block', the free phase's handling) lose most of the nudge's effect."""
+    x, y1 = batch
+    model = cpu_model()
+    g32 = model_grads(model, x, y1, None, "cep")
+    g_block = model_grads(model, x, y1, torch.bfloat16, "cep", precision="block")
+    g_dev = model_grads(model, x, y1, torch.bfloat16, "cep", precision="deviation")
+    assert cos(g32, g_dev) > cos(g32, g_block)
+
+
+def test_dense_block_in_float16():
+    torch.manual_seed(1)
+    block = DenseHopfield([6, 8, 4], activation="sigmoid", T1=40)
+    u = torch.randn(5, 6)
+    y = torch.rand(5, 4)
+    grads = []
+    for dt in (None, torch.float16):
+        block.relax_dtype = dt
+        block.estimator = make_estimator("cep", beta=0.1, T2=30)
+        block.zero_grad()
+        with R.targets(block, y):
+            squared_error(block(u), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in block.parameters()]))
+    assert cos(*grads) > 0.999
