@@ -1,7 +1,7 @@
 """Hamiltonian recurrent units, RHEL and Hamiltonian SSMs (SPEC §9)."""
 from .hssm import HSSM, HSSMBlock, build_hssm
-from .rhel import echo, reverse, rhel_trajectory
+from .rhel import echo, reverse, rhel_readout
 from .units import HRU, LinearHRU, NonlinearHRU, make_hru
 
-__all__ = ["HRU", "LinearHRU", "NonlinearHRU", "make_hru", "echo", "reverse", "rhel_trajectory",
+__all__ = ["HRU", "LinearHRU", "NonlinearHRU", "make_hru", "echo", "reverse", "rhel_readout",
            "HSSM", "HSSMBlock", "build_hssm"]

@@ -19,13 +19,13 @@ READOUTS = ("mean", "last")
 class HSSMBlock(nn.Module):
     """Pre-norm residual block around one HRU."""
 
-    def __init__(self, hidden: int, state_size: int, kind: str = "linear", activation: str = "gelu",
+    def __init__(self, hidden: int, state_size: int, unit: str = "linear", activation: str = "gelu",
                  dropout: float = 0.0, **hru_settings):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"HSSMBlock: unknown activation {activation!r}, expected one of {sorted(ACTIVATIONS)}")
         self.norm = nn.LayerNorm(hidden)
-        self.hru = make_hru(kind, hidden, state_size, **hru_settings)
+        self.hru = make_hru(unit, hidden, state_size, **hru_settings)
         self.act = ACTIVATIONS[activation]()
         self.glu = nn.Linear(hidden, 2 * hidden)
         self.drop = nn.Dropout(dropout)
@@ -39,9 +39,9 @@ class HSSM(nn.Module):
     """(batch, time, in_features) -> (batch, num_classes) logits."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 64, state_size: int = 64,
-                 n_blocks: int = 2, kind: str = "linear", readout: str = "mean", dropout: float = 0.0,
+                 n_blocks: int = 2, unit: str = "linear", readout: str = "mean", dropout: float = 0.0,
                  activation: str = "gelu", estimator: str = "rhel", eps: float = 1e-2, normalize: str = "sample",
-                 scan: str = "loop"):
+                 scan: str = "loop", dt_min: float = 0.01, dt_max: float = 0.1):
         super().__init__()
         for name, v in (("in_features", in_features), ("num_classes", num_classes), ("hidden", hidden),
                         ("state_size", state_size), ("n_blocks", n_blocks)):
@@ -54,16 +54,22 @@ class HSSM(nn.Module):
         self.in_features, self.readout = in_features, readout
         self.encoder = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(
-            HSSMBlock(hidden, state_size, kind, activation, dropout, estimator=estimator, eps=eps,
-                      normalize=normalize, scan=scan) for _ in range(n_blocks))
+            HSSMBlock(hidden, state_size, unit, activation, dropout, estimator=estimator, eps=eps,
+                      normalize=normalize, scan=scan, dt_min=dt_min, dt_max=dt_max) for _ in range(n_blocks))
         self.head = nn.Linear(hidden, num_classes)
 
     @property
     def hrus(self) -> list[HRU]:
         return [b.hru for b in self.blocks]
 
-    def set_estimator(self, name: str, eps: float | None = None, normalize: str | None = None) -> "HSSM":
-        """'rhel' or 'bptt' for every HRU; parameters untouched."""
+    def set_estimator(self, name: str, eps: float | None = None, normalize: str | None = None,
+                      T2: int | None = None) -> "HSSM":
+        """'rhel' or 'bptt' for every HRU; parameters untouched. BPTT here always runs
+        through every time step: T2 (the truncation of the energy-based blocks' BPTT) must
+        be None."""
+        if T2 is not None:
+            raise ValueError(f"HSSM: BPTT runs through every time step and takes no T2 (got T2={T2!r}); "
+                             f"set it to null")
         for hru in self.hrus:
             hru.set_estimator(name, eps=eps, normalize=normalize)
         return self
@@ -83,8 +89,8 @@ class HSSM(nn.Module):
 
 def build_hssm(**settings) -> HSSM:
     """An HSSM from a config's model settings (in_features, num_classes, hidden, state_size,
-    n_blocks, kind linear|nonlinear, readout mean|last, dropout, activation, estimator
-    rhel|bptt, eps, normalize, scan loop|parallel)."""
+    n_blocks, unit linear|nonlinear, readout mean|last, dropout, activation, estimator
+    rhel|bptt, eps, normalize, scan loop|parallel, dt_min, dt_max)."""
     import inspect
 
     allowed = set(inspect.signature(HSSM.__init__).parameters) - {"self"}

@@ -9,7 +9,7 @@ Hamiltonian  H_t(z, y) = dt * (1/2 z^2 + V(y, B u_t)), integrated by leapfrog
     z_{t+1} = z_t - dt * dV/dy(y_half, B u_{t+1})
     y_{t+1} = y_half + dt/2 * z_{t+1}
 
-The unit's output is o_t = C y_t + D * u_t. A subclass gives the potential V through
+The unit's output is o_t = C y_t + D * u_t (batch, time, H). A subclass gives the potential V through
 `natural` (its parameters after their constraints), `force` (dV/dy), `potential` (V) and
 `partials` (dV/dp for its per-channel parameters and dV/d(Bu)); the leapfrog loop, the
 switch between RHEL and BPTT and the RHEL echo (rhel.py) are shared.
@@ -58,10 +58,13 @@ class HRU(nn.Module):
     eps:       RHEL nudging strength (> 0), relative to the per-sample error norm when
                normalize='sample' (the default), as for EP.
     scan:      'loop' (step by step) or 'parallel' (associative scan; linear unit only).
+    dt_min, dt_max: dt = sigmoid(dt_raw) starts log-uniform in [dt_min, dt_max]. Small steps
+               keep a driven nonlinear unit from amplifying perturbations exponentially
+               over long sequences (which breaks BPTT and RHEL alike, see docs/sequences.md).
     """
 
     def __init__(self, in_features: int, state_size: int, estimator: str = "rhel", eps: float = 1e-2,
-                 normalize: str = "sample", scan: str = "loop"):
+                 normalize: str = "sample", scan: str = "loop", dt_min: float = 0.01, dt_max: float = 0.1):
         super().__init__()
         for name, v in (("in_features", in_features), ("state_size", state_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -71,8 +74,10 @@ class HRU(nn.Module):
         self.B = nn.Parameter(torch.randn(P, H) / math.sqrt(H))
         self.C = nn.Parameter(torch.randn(H, P) / math.sqrt(P))
         self.D = nn.Parameter(torch.randn(H))
-        # dt = sigmoid(dt_raw) drawn uniformly in [0.1, 0.9]
-        self.dt_raw = nn.Parameter(torch.logit(0.1 + 0.8 * torch.rand(P)))
+        if not (isinstance(dt_min, (int, float)) and isinstance(dt_max, (int, float)) and 0 < dt_min <= dt_max < 1):
+            raise ValueError(f"{type(self).__name__}: need 0 < dt_min <= dt_max < 1, got {dt_min!r}, {dt_max!r}")
+        log_dt = math.log(dt_min) + (math.log(dt_max) - math.log(dt_min)) * torch.rand(P)
+        self.dt_raw = nn.Parameter(torch.logit(log_dt.exp()))
         self.set_estimator(estimator, eps=eps, normalize=normalize)
         self.set_scan(scan)
 
@@ -128,26 +133,30 @@ class HRU(nn.Module):
         return yh + 0.5 * dt * z, z, yh
 
     def trajectory(self, u: Tensor, y0: Tensor | None = None, z0: Tensor | None = None,
-                   nat: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Positions y_1..y_L (batch, L, P) and the final state (y_L, z_L), from (y0, z0)
-        (zeros when None). Records autograd when grad mode is on (the BPTT path)."""
+                   nat: dict[str, Tensor] | None = None, readout: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(seq, y_L, z_L) from (y0, z0) (zeros when None): seq holds the positions y_1..y_L
+        (batch, L, P), or with readout=True the outputs C y_t + D u_t (batch, L, H). Records
+        autograd when grad mode is on (the BPTT path); without it, nothing of size L x P is
+        kept when readout=True."""
         nat = self.natural() if nat is None else nat
         y0 = u.new_zeros(u.shape[0], self.state_size) if y0 is None else y0
         z0 = torch.zeros_like(y0) if z0 is None else z0
-        if self.scan == "parallel":
-            return self._parallel(u, y0, z0, nat)
+        if self.scan == "parallel" or torch.is_grad_enabled():
+            if self.scan == "parallel":
+                ys, y, z = self._parallel(u, y0, z0, nat)
+            else:
+                y, z, ys = y0, z0, []
+                for t in range(u.shape[1]):
+                    y, z, _ = self.leapfrog(y, z, u[:, t] @ nat["B"].T, nat)
+                    ys.append(y)
+                ys = torch.stack(ys, 1)
+            return (ys @ self.C.T + u * self.D if readout else ys), y, z
         y, z = y0, z0
-        if torch.is_grad_enabled():
-            ys = []
-            for t in range(u.shape[1]):
-                y, z, _ = self.leapfrog(y, z, u[:, t] @ nat["B"].T, nat)
-                ys.append(y)
-            return torch.stack(ys, 1), y, z
-        ys = u.new_empty(u.shape[0], u.shape[1], self.state_size)
+        seq = u.new_empty(u.shape[0], u.shape[1], self.in_features if readout else self.state_size)
         for t in range(u.shape[1]):
             y, z, _ = self.leapfrog(y, z, u[:, t] @ nat["B"].T, nat)
-            ys[:, t] = y
-        return ys, y, z
+            seq[:, t] = y @ self.C.T + u[:, t] * self.D if readout else y
+        return seq, y, z
 
     def _parallel(self, u: Tensor, y0: Tensor, z0: Tensor, nat: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """x_t = M x_{t-1} + f_t for all t by a Hillis-Steele scan: after the round with
@@ -171,14 +180,14 @@ class HRU(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         check_sequence(type(self).__name__, u, self.in_features)
         if self.estimator == "rhel" and torch.is_grad_enabled():
-            from .rhel import rhel_trajectory
-            ys = rhel_trajectory(self, u)
+            from .rhel import rhel_readout
+            out = rhel_readout(self, u)
         else:
-            ys = self.trajectory(u)[0]
-        if not bool(torch.isfinite(ys[:, -1]).all()):
+            out = self.trajectory(u, readout=True)[0]
+        if not bool(torch.isfinite(out[:, -1]).all()):
             raise DivergenceError(f"{type(self).__name__}: non-finite state; leapfrog is stable only for "
                                   f"dt^2 * stiffness < 4 (here max dt = {self.natural()['dt'].max().item():.3g})")
-        return ys @ self.C.T + u * self.D
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, state_size={self.state_size}, estimator={self.estimator!r}, "

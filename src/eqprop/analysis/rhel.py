@@ -1,0 +1,319 @@
+"""`eqprop analyze rhel`: RHEL against BPTT on Hamiltonian SSMs (SPEC §9).
+
+Three measurements, written as rhel.md (tables), rhel.json (everything) and rhel.png:
+  eps     per-parameter relative error ||g_rhel - g_bptt|| / ||g_bptt|| and cosine, on one
+          batch (synthetic, or the first test samples of a sequence dataset), per eps;
+  length  the same at one eps (--length-eps) versus sequence length, synthetic inputs;
+  memory  time and peak memory of a training step (forward + cross-entropy + backward)
+          for both estimators versus sequence length.
+
+Peak memory. CUDA: torch.cuda.max_memory_allocated above the memory allocated before the
+step. CPU: the step runs under torch.profiler(profile_memory=True); in time order, the
+bytes each operator allocates net of what it frees itself (self_cpu_memory_usage) and the
+allocator's free events are summed, and the peak is the maximum of that running sum. The
+"io" column counts the tensors any method must hold whatever the estimator: each HRU's
+input and output sequences and their gradients; "beyond io" = peak - io.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hamiltonian import HSSM, make_hru
+
+KINDS = ("linear", "nonlinear")
+
+
+class SingleHRU(nn.Module):
+    """One HRU between a linear encoder and a mean-over-time linear readout: the smallest
+    model whose step memory is all HRU (used for the memory measurement)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, state_size: int, kind: str, **hru):
+        super().__init__()
+        self.encoder = nn.Linear(in_features, hidden)
+        self.hru = make_hru(kind, hidden, state_size, **hru)
+        self.head = nn.Linear(hidden, num_classes)
+
+    @property
+    def hrus(self):
+        return [self.hru]
+
+    def set_estimator(self, name: str, eps: float | None = None):
+        self.hru.set_estimator(name, eps=eps)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.hru(self.encoder(x)).mean(1))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="HRU kinds to analyse")
+    parser.add_argument("--model", choices=("hssm", "hru"), default="hssm",
+                        help="model of the eps and length sweeps (hru: one unit, encoder and readout)")
+    parser.add_argument("--memory-model", choices=("hssm", "hru"), default="hru", help="model of the memory runs")
+    parser.add_argument("--hidden", type=int, default=16)
+    parser.add_argument("--state-size", type=int, default=16)
+    parser.add_argument("--n-blocks", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--features", type=int, default=1, help="input features of synthetic sequences")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--dataset", default="synthetic",
+                        help="batch of the eps sweep: 'synthetic' or a sequence dataset (e.g. seq_fashion_mnist_pixel)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--eps-length", type=int, default=784, help="sequence length of the synthetic eps sweep")
+    parser.add_argument("--eps", type=float, nargs="+", default=[1.0, 1e-1, 1e-2, 1e-3, 1e-4])
+    parser.add_argument("--length-eps", type=float, default=1e-2, help="eps of the length sweep")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[28, 784, 4096])
+    parser.add_argument("--memory-lengths", type=int, nargs="+", default=[784, 4096])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of a training step (median)")
+    parser.add_argument("--skip", nargs="*", choices=("eps", "length", "memory"), default=[])
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/analyze_rhel", help="output directory")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("hidden", "state_size", "n_blocks", "batch", "features", "num_classes", "eps_length", "repeats"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"analyze rhel: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("eps", "lengths", "memory_lengths"):
+        if any(not (v > 0 and math.isfinite(v)) for v in getattr(args, name)):
+            raise ValueError(f"analyze rhel: --{name.replace('_', '-')} values must be positive, got {getattr(args, name)}")
+    if not args.length_eps > 0:
+        raise ValueError(f"analyze rhel: --length-eps must be positive, got {args.length_eps}")
+
+
+def build_model(args: argparse.Namespace, kind: str, which: str, in_features: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if which == "hru":
+        model = SingleHRU(in_features, args.num_classes, args.hidden, args.state_size, kind)
+    else:
+        model = HSSM(in_features, args.num_classes, hidden=args.hidden, state_size=args.state_size,
+                     n_blocks=args.n_blocks, unit=kind)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def synthetic_batch(args: argparse.Namespace, length: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(args.batch, length, args.features, generator=g)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
+    return x.to(args.device, getattr(torch, args.dtype)), y.to(args.device)
+
+
+def data_batch(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    from ..data import load_dataset
+
+    ds = load_dataset(args.dataset, "test", args.data_dir)
+    if ds.num_classes != args.num_classes:
+        args.num_classes = ds.num_classes
+    x = ds.x[: args.batch].to(args.device, getattr(torch, args.dtype))
+    return x, ds.y[: args.batch].to(args.device)
+
+
+def gradients(model: nn.Module, x: Tensor, y: Tensor, estimator: str, eps: float) -> dict[str, Tensor]:
+    """Gradients of the cross-entropy w.r.t. every parameter and the input."""
+    model.set_estimator(estimator, eps=eps)
+    x = x.detach().requires_grad_(True)
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()) + [x])
+    return dict(zip(names + ["input"], grads))
+
+
+def compare(est: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k, r in ref.items():
+        e = est[k].double().flatten()
+        r = r.double().flatten()
+        rel = ((e - r).norm() / r.norm()).item() if r.norm() > 0 else float((e - r).norm())
+        out[k] = {"rel_error": rel, "cosine": F.cosine_similarity(e, r, dim=0).item()}
+    return out
+
+
+def summary(per_param: dict[str, dict[str, float]]) -> dict:
+    worst = max(per_param, key=lambda k: per_param[k]["rel_error"])
+    rels = [v["rel_error"] for v in per_param.values()]
+    return {"max_rel_error": per_param[worst]["rel_error"], "median_rel_error": statistics.median(rels),
+            "min_cosine": min(v["cosine"] for v in per_param.values()), "worst": worst}
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory allocated by fn() above what was allocated before (see module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += ev.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def io_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the HRUs' inputs and outputs and of their gradients, (batch, L, H) each."""
+    size = x.element_size() * x.shape[0] * x.shape[1]
+    return sum(4 * size * h.in_features for h in model.hrus)
+
+
+def memory_run(args: argparse.Namespace, kind: str, length: int) -> dict:
+    x, y = synthetic_batch(args, length, args.seed + 1)
+    device = torch.device(args.device)
+    row = {"length": length}
+    for est in ("rhel", "bptt"):
+        model = build_model(args, kind, args.memory_model, args.features, args.seed)
+        model.set_estimator(est, eps=args.length_eps)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+
+        step()  # warm-up; also allocates the .grad tensors kept across steps
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        peak = peak_bytes(step, device)
+        row[est] = {"time_s": statistics.median(times), "peak_bytes": peak,
+                    "beyond_io_bytes": peak - io_bytes(model, x)}
+    row["io_bytes"] = io_bytes(model, x)
+    return row
+
+
+def run_analysis(args: argparse.Namespace) -> dict:
+    _check_args(args)
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "kinds": {}}
+    for kind in args.kinds:
+        res: dict = {}
+        if "eps" not in args.skip:
+            if args.dataset == "synthetic":
+                x, y = synthetic_batch(args, args.eps_length, args.seed + 1)
+            else:
+                x, y = data_batch(args)
+            model = build_model(args, kind, args.model, x.shape[2], args.seed)
+            ref = gradients(model, x, y, "bptt", 1.0)
+            res["eps"] = {"length": x.shape[1], "rows": []}
+            for eps in args.eps:
+                per = compare(gradients(model, x, y, "rhel", eps), ref)
+                res["eps"]["rows"].append({"eps": eps, **summary(per), "per_parameter": per})
+        if "length" not in args.skip:
+            res["length"] = {"eps": args.length_eps, "rows": []}
+            for L in args.lengths:
+                x, y = synthetic_batch(args, L, args.seed + 1)
+                model = build_model(args, kind, args.model, args.features, args.seed)
+                t0 = time.perf_counter()
+                ref = gradients(model, x, y, "bptt", 1.0)
+                t1 = time.perf_counter()
+                per = compare(gradients(model, x, y, "rhel", args.length_eps), ref)
+                t2 = time.perf_counter()
+                res["length"]["rows"].append({"length": L, **summary(per), "bptt_s": t1 - t0, "rhel_s": t2 - t1,
+                                              "per_parameter": per})
+        if "memory" not in args.skip:
+            res["memory"] = [memory_run(args, kind, L) for L in args.memory_lengths]
+        results["kinds"][kind] = res
+    return results
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.3f}"
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"# RHEL vs BPTT ({s['dtype']}, {s['device']}, seed {s['seed']})", ""]
+    for kind, res in results["kinds"].items():
+        lines.append(f"## {kind} HRU")
+        if "eps" in res:
+            lines += ["", f"Gradient error against BPTT versus eps ({s['model']}, {s['dataset']}, "
+                          f"length {res['eps']['length']}, batch {s['batch']}):", "",
+                      "| eps | max rel. error | median rel. error | min cosine | worst |", "|---|---|---|---|---|"]
+            lines += [f"| {r['eps']:g} | {r['max_rel_error']:.2e} | {r['median_rel_error']:.2e} | "
+                      f"{r['min_cosine']:.8f} | {r['worst']} |" for r in res["eps"]["rows"]]
+            best = min(res["eps"]["rows"], key=lambda r: r["max_rel_error"])
+            lines += ["", f"Per parameter at eps = {best['eps']:g}:", "", "| parameter | rel. error | cosine |",
+                      "|---|---|---|"]
+            lines += [f"| {k} | {v['rel_error']:.2e} | {v['cosine']:.8f} |" for k, v in best["per_parameter"].items()]
+        if "length" in res:
+            lines += ["", f"Gradient error against BPTT versus sequence length (eps {res['length']['eps']:g}, "
+                          f"synthetic inputs):", "",
+                      "| length | max rel. error | median rel. error | min cosine | worst | BPTT s | RHEL s |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['length']} | {r['max_rel_error']:.2e} | {r['median_rel_error']:.2e} | "
+                      f"{r['min_cosine']:.8f} | {r['worst']} | {r['bptt_s']:.2f} | {r['rhel_s']:.2f} |"
+                      for r in res["length"]["rows"]]
+        if "memory" in res:
+            lines += ["", f"Training step ({s['memory_model']}, batch {s['batch']}), median of {s['repeats']} "
+                          f"timed steps; peak memory above the step's start, MiB:", "",
+                      "| length | BPTT s | RHEL s | BPTT peak | RHEL peak | io | BPTT beyond io | RHEL beyond io |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['length']} | {r['bptt']['time_s']:.3f} | {r['rhel']['time_s']:.3f} | "
+                      f"{_mib(r['bptt']['peak_bytes'])} | {_mib(r['rhel']['peak_bytes'])} | {_mib(r['io_bytes'])} | "
+                      f"{_mib(r['bptt']['beyond_io_bytes'])} | {_mib(r['rhel']['beyond_io_bytes'])} |"
+                      for r in res["memory"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for kind, res in results["kinds"].items():
+        if "eps" in res:
+            rows = res["eps"]["rows"]
+            axes[0].loglog([r["eps"] for r in rows], [r["max_rel_error"] for r in rows], "o-", label=f"{kind} max")
+            axes[0].loglog([r["eps"] for r in rows], [r["median_rel_error"] for r in rows], "s--",
+                           label=f"{kind} median")
+        if "length" in res:
+            rows = res["length"]["rows"]
+            axes[1].loglog([r["length"] for r in rows], [r["max_rel_error"] for r in rows], "o-", label=kind)
+        if "memory" in res:
+            for est, style in (("bptt", "o-"), ("rhel", "s-")):
+                axes[2].plot([r["length"] for r in res["memory"]],
+                             [r[est]["beyond_io_bytes"] / 2**20 for r in res["memory"]], style, label=f"{kind} {est}")
+    for ax, title, xl, yl in ((axes[0], "RHEL vs BPTT: relative error", "eps", "relative error"),
+                              (axes[1], "relative error vs length", "sequence length", "max relative error"),
+                              (axes[2], "step memory beyond io", "sequence length", "MiB")):
+        ax.set_title(title)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = run_analysis(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rhel.json").write_text(json.dumps(results, indent=1))
+    md = markdown(results)
+    (out / "rhel.md").write_text(md)
+    plot(results, out / "rhel.png")
+    print(md)
+    print(f"wrote {out / 'rhel.md'}, {out / 'rhel.json'}, {out / 'rhel.png'}")
+    return 0
