@@ -77,11 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", nargs="*", choices=("eps", "length", "memory"), default=[])
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/analyze_rhel", help="output directory")
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"analyze rhel: --threads must be positive, got {args.threads}")
     for name in ("hidden", "state_size", "n_blocks", "batch", "features", "num_classes", "eps_length", "repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"analyze rhel: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -201,6 +204,8 @@ def memory_run(args: argparse.Namespace, kind: str, length: int) -> dict:
 
 def run_analysis(args: argparse.Namespace) -> dict:
     _check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results: dict = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "kinds": {}}
     for kind in args.kinds:
         res: dict = {}
