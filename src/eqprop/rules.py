@@ -42,18 +42,23 @@ the error current passed to the block's input follows from the same two states, 
 upstream blocks keep learning by EP through the feedforward maps.
 
 Reduced precision. When the block relaxes in 16 bits (`block.relax_dtype`), the nudge's
-effect on the states (~beta * error) lies below the resolution of 16-bit states. The
-energy-based rules therefore take a `precision` setting for their second phases:
-  'deviation' (default): relax s = s* + d, the state kept in float32, where every
-      coupling is applied to the deviation d = s - s* in 16 bits and added to its float32
-      value at s* (computed once per phase): the rounding error scales with |d|, not |s|.
-      Needs a `HopfieldBlock` of dense/conv couplings; other blocks use 'full'.
-  'full':  second phases in the input's dtype (float32), from the 16-bit free state.
-  'block': second phases like the free phase (the core's behaviour).
+effect on the states (~beta * error) lies below the resolution of 16-bit states, and the
+16-bit free state is not a float32 fixed point. The energy-based rules therefore take
+  precision: how their second phases run
+    'deviation' (default): relax s = s* + d with the state kept in float32, where every
+        coupling is applied to the deviation d = s - s* in 16 bits and added to its float32
+        value at s* (computed once per phase): rounding errors scale with |d|, not |s|.
+        Needs a `HopfieldBlock` of dense/conv couplings; other blocks use 'full'.
+    'full':  second phases in the input's dtype (float32), from the 16-bit free state.
+    'block': second phases like the free phase (16-bit states: the core's behaviour).
+  refine: iterations of the free phase re-run the same way ('deviation' or 'full') from
+      the 16-bit free state before the second phases (default 10; 0 to skip). The refined
+      state is the block's output and `free_state`.
 Unless precision is 'block', a one-sided rule contrasts with a reference state relaxed
-without perturbation from s* under the same precision and steps, not with s* itself
-(the 16-bit free state is not an exact float32 fixed point, and the difference would
-carry its rounding error).
+without perturbation from s* under the same precision and steps, not with s* itself.
+With hard-sigmoid neurons and max-pooling the free dynamics can have several nearby
+equilibria; a 16-bit free phase may settle in another one than the float32 phase, and no
+handling of the second phases changes that (docs/algorithms.md has the measurements).
 """
 from __future__ import annotations
 
@@ -363,6 +368,7 @@ class TwoStateRule(Estimator):
     T2: int
     tol: float | None
     precision: str
+    refine: int
 
     def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
         self.validate()

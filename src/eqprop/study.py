@@ -155,7 +155,7 @@ def train_rule(rule: str, seed: int, cfg: dict, data: dict, log=print) -> dict:
     mc, rc, tc = cfg["model"], cfg["relax"], cfg["train"]
     torch.manual_seed(seed)
     model = build_model(mc, rc, data["channels"], data["size"], data["num_classes"])
-    init_digest = float(sum(p.double().sum() for p in model.parameters()))
+    init_digest = float(sum(p.detach().double().sum() for p in model.parameters()))
     block = model.blocks[0]
     block.estimator = make_estimator(rule, **rule_settings(rule, cfg["rules"]))
     opt = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
@@ -283,8 +283,74 @@ def load_data(cfg: dict, root: str | None, seed: int) -> dict:
         channels=train.x.shape[1], size=max(size, train.x.shape[-1]), num_classes=train.num_classes, name=name)
 
 
+# ---------------------------------------------------------------------------------------
+# 16-bit relaxation: gradient agreement and time per training step
+# ---------------------------------------------------------------------------------------
+
+def _train_step(model: FFEBM, opt, x: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+    with rules_mod.targets(model, y1):
+        loss = squared_error(model(x), y1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    return loss
+
+
+def precision_study(cfg: dict, rule: str, dtypes: list[str], x: torch.Tensor, y: torch.Tensor, steps: int,
+                    num_classes: int, log=print) -> str:
+    """Cosine of the 16-bit gradient with the float32 one at the initial weights (for each
+    handling of the second phases), and the time of a training step (forward, backward,
+    Adam step), measured round-robin so that all settings share the machine's load."""
+    mc, rc = cfg["model"], cfg["relax"]
+    x = _pad(x, mc.get("pad_to"))
+    y1 = F.one_hot(y, num_classes).to(x.dtype)
+    settings = rule_settings(rule, cfg["rules"])
+    torch.manual_seed(0)
+    base = build_model(mc, rc, x.shape[1], x.shape[-1], num_classes)
+
+    def grads(dtype, **over) -> torch.Tensor:
+        m = copy.deepcopy(base)
+        m.blocks[0].relax_dtype = dtype
+        m.blocks[0].estimator = make_estimator(rule, **{**settings, **over})
+        with rules_mod.targets(m, y1):
+            squared_error(m(x), y1).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]).double()
+
+    g32 = grads(None)
+    modes = ["deviation", "block"] if "precision" in settings else [None]
+    cosines = {}
+    for name in dtypes:
+        for mode in modes:
+            over = {} if mode is None else {"precision": mode}
+            cosines[name, mode] = F.cosine_similarity(g32, grads(DTYPES[name], **over), 0).item()
+            log(f"{name} second phases {mode}: cosine with float32 {cosines[name, mode]:.5f}")
+    runs = {}
+    for name in ["float32", *dtypes]:
+        m = copy.deepcopy(base)
+        m.blocks[0].relax_dtype = DTYPES[name]
+        m.blocks[0].estimator = make_estimator(rule, **settings)
+        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=cfg["train"]["lr"]), [])
+    for rep in range(steps + 1):  # the first round warms up and is not counted
+        for name, (m, opt, times) in runs.items():
+            t0 = time.perf_counter()
+            _train_step(m, opt, x, y1)
+            if rep:
+                times.append(time.perf_counter() - t0)
+    t32 = statistics.median(runs["float32"][2])
+    lines = [f"| relaxation | second phases | cosine with float32 | time / step (s) | speed-up |", "|---|---|---|---|---|",
+             f"| float32 | - | 1 | {t32:.2f} | 1.00 |"]
+    for name in dtypes:
+        t = statistics.median(runs[name][2])
+        for mode in modes:
+            timed = mode in (None, settings.get("precision"))
+            lines.append(f"| {name} | {mode or '-'} | {cosines[name, mode]:.4f} | "
+                         f"{f'{t:.2f}' if timed else '-'} | {f'{t32 / t:.2f}' if timed else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", choices=["algorithms"], help="which study to run")
+    parser.add_argument("study", choices=["algorithms", "precision"],
+                        help="algorithms: train with every rule; precision: 16-bit relaxation against float32")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. train.epochs=5)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="more config overrides (usable after other options)")
@@ -299,6 +365,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="skip (rule, seed) runs already in results.json "
                                                               "with the same config")
+    parser.add_argument("--rule", default="cep", help="precision: the rule to measure (default cep)")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16"],
+                        help="precision: 16-bit dtypes to compare with float32")
+    parser.add_argument("--batch-size", type=int, default=None, help="precision: batch size (default: config's)")
+    parser.add_argument("--steps", type=int, default=3, help="precision: timed training steps per setting")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -316,6 +387,17 @@ def run(args: argparse.Namespace) -> int:
                          f"got {cfg['relax'].get('relax_dtype')!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.study == "precision":
+        if args.rule not in ALL_RULES:
+            raise ValueError(f"study: unknown rule {args.rule!r}, expected one of {ALL_RULES}")
+        if args.batch_size:
+            cfg["train"]["batch_size"] = args.batch_size
+        data = load_data(cfg, args.data_dir, args.seeds[0])
+        x, y = next(iter(data["train"]))
+        print(f"study precision: {cfg['dataset']}, config {args.config}, rule {args.rule}, batch {len(y)}, "
+              f"threads {torch.get_num_threads()}", flush=True)
+        print(precision_study(cfg, args.rule, args.dtypes, x, y, args.steps, data["num_classes"]))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
