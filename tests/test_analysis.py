@@ -97,8 +97,9 @@ def test_gdd_command_writes_figure_and_json(tmp_path, monkeypatch):
     rc = main(["analyze", "gdd", "--model", "tiny", "--activation", "sigmoid", "--dtype", "float64",
                "--out", str(tmp_path)])
     assert rc == 0
-    r = json.loads((tmp_path / "gdd_tiny.json").read_text())
-    assert (tmp_path / "gdd_tiny.png").stat().st_size > 10_000
+    stem = "gdd_tiny_sigmoid_float64_beta0.0001"
+    r = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
     assert r["T2"] == 5 and r["beta"] == 1e-4 and len(r["blocks"]) == 3
     assert r["summary"]["max_layer_rel_error"] < 1e-3
     assert all(len(q["ep"]) == 6 for b in r["blocks"] for q in b["layers"])

@@ -392,7 +392,8 @@ def add_arguments(parser) -> None:
                         help="where a lower block's error current comes from (see docs/gradients.md)")
     parser.add_argument("--units", type=int, default=4, help="units plotted per layer")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/analyze", help="output folder (gdd_<model>.png/.json)")
+    parser.add_argument("--out", default="runs/analyze",
+                        help="output folder (gdd_<model>_<activation>_<dtype>_beta<beta>.png/.json)")
 
 
 def run(args) -> int:
@@ -411,7 +412,7 @@ def run(args) -> int:
     result = analyze(model, x, y, beta, T2, args.delta, units=args.units)
     result.update(model_name=args.model, activation=args.activation, seed=args.seed, T1=args.T1, tol=tol)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"gdd_{args.model}")
+    stem = os.path.join(args.out, f"gdd_{args.model}_{args.activation}_{args.dtype}_beta{beta:g}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot(result, stem + ".png")

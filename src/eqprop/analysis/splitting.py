@@ -163,19 +163,22 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = result["splits"]
-    base = rows[0]["free_iters_total"]
     lines = [
-        "| blocks | layers/block | free iters (per block) | free iters total | speed-up (free iters) | "
-        "full-sweep equiv. | nudged iters (total, +/-) | relax time (s) | step time (s) | cos(EP, ID) | "
-        "min tensor cos |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| V (GOE) | blocks | layers/block | free iters (per block) | free iters total | speed-up (free iters) | "
+        "full-sweep equiv. | nudged iters (total, +/-) | relax time (s) | speed-up (time) | step time (s) | "
+        "cos(EP, ID) | min tensor cos |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in result["splits"]:
+        base = next(q for q in result["splits"] if q["variance"] == r["variance"] and q["blocks"] == 1) \
+            if any(q["blocks"] == 1 and q["variance"] == r["variance"] for q in result["splits"]) else None
+        speed = f"{base['free_iters_total'] / r['free_iters_total']:.2f}x" if base else "n/a"
+        tspeed = f"{base['relax_time_s'] / r['relax_time_s']:.2f}x" if base else "n/a"
+        flag = "" if r["converged"] else " (not converged)"
         lines.append(
-            f"| {r['blocks']} | {'+'.join(map(str, r['layers_per_block']))} | {r['free_iters']} | "
-            f"{r['free_iters_total']:.1f} | {base / r['free_iters_total']:.2f}x | {r['free_sweeps_equiv']:.1f} | "
-            f"{r['nudged_iters_total']:.1f} | {r['relax_time_s']:.3f} | {r['step_time_s']:.3f} | "
+            f"| {r['variance']:.3g} | {r['blocks']} | {'+'.join(map(str, r['layers_per_block']))} | "
+            f"{r['free_iters']} | {r['free_iters_total']:.1f}{flag} | {speed} | {r['free_sweeps_equiv']:.1f} | "
+            f"{r['nudged_iters_total']:.1f} | {r['relax_time_s']:.3f} | {tspeed} | {r['step_time_s']:.3f} | "
             f"{r['cos_ep_id']:.4f} | {r['min_tensor_cos_ep_id']:.4f} |")
     return "\n".join(lines)
 
@@ -186,18 +189,26 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["splits"]
-    labels = [f"{r['blocks']} block{'s' if r['blocks'] > 1 else ''}" for r in rows]
+    variances = sorted({r["variance"] for r in rows})
+    splits = sorted({r["blocks"] for r in rows})
     panels = [("free_iters_total", "free-phase iterations (sum over blocks)"),
               ("nudged_iters_total", "nudged-phase iterations (sum, +/-)"),
               ("relax_time_s", "one relaxation (s)"),
               ("step_time_s", "one training step (s)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
+    width = 0.8 / len(splits)
     for ax, (key, title) in zip(axes, panels):
-        ax.bar(labels, [r[key] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+        for j, n in enumerate(splits):
+            vals = [next((r[key] for r in rows if r["variance"] == v and r["blocks"] == n), 0.0) for v in variances]
+            ax.bar([i + j * width for i in range(len(variances))], vals, width, color=f"C{j}",
+                   label=f"{n} block{'s' if n > 1 else ''}")
+        ax.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(variances))])
+        ax.set_xticklabels([f"V={v:.2g}" for v in variances], fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"Splitting a {result['L']}-layer DHN (width /{result['width_div']}, batch {result['batch']}, "
-                 f"{result['update']}, tol {result['tol']})", fontsize=9)
+                 f"{result['update']} updates, tol {result['tol']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -215,9 +226,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--T2", type=int, default=1580, help="nudged-phase iteration cap")
     parser.add_argument("--update", default="async", choices=["sync", "async"])
     parser.add_argument("--slope", type=float, default=1.0)
-    parser.add_argument("--variance", type=float, default=None,
-                        help="GOE variance V (default 8.351e-5 times the width divisor, keeping the "
-                             "per-unit coupling strength of the full-width model)")
+    parser.add_argument("--variance", default=None,
+                        help="GOE variance V, or a comma-separated list to sweep the coupling strength (default "
+                             "8.351e-5 times the width divisor: the per-unit coupling strength of the published "
+                             "initialisation at full width)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--seeds", type=int, default=2, help="batches/initialisations averaged over")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
@@ -232,27 +244,31 @@ def run(args) -> int:
     dhn = scale_width(DHN_L6, div)
     L = num_layers(dhn)
     splits = default_splits(L) if args.splits is None else [int(v) for v in args.splits.split(",")]
-    variance = args.variance if args.variance is not None else GOE_V * div
+    variances = [GOE_V * div] if args.variance is None else [float(v) for v in args.variance.split(",")]
+    if any(not v > 0 for v in variances):
+        raise ValueError(f"splitting: GOE variances must be > 0, got {variances}")
     dtype = getattr(torch, args.dtype)
-    per_split = []
     for n in splits:
         split_dhn(dhn, n)  # fail early on an impossible split
-        runs = []
-        for seed in range(args.seeds):
-            gen = torch.Generator().manual_seed(1000 + seed)
-            x = torch.randn(args.batch, 3, args.in_size, args.in_size, generator=gen).to(dtype)
-            y = torch.randint(0, 10, (args.batch,), generator=gen)
-            runs.append(measure_split(dhn, n, x, y, seed, args.beta, args.tol, args.T1, args.T2, args.update,
-                                      args.slope, variance, args.repeats))
-        per_split.append(aggregate(runs))
-        r = per_split[-1]
-        print(f"{n} block(s): free iters {r['free_iters_total']:.1f}, nudged {r['nudged_iters_total']:.1f}, "
-              f"relax {r['relax_time_s']:.3f}s, step {r['step_time_s']:.3f}s, cos(EP,ID) {r['cos_ep_id']:.4f}",
-              flush=True)
+    per_split = []
+    for variance in variances:
+        for n in splits:
+            runs = []
+            for seed in range(args.seeds):
+                gen = torch.Generator().manual_seed(1000 + seed)
+                x = torch.randn(args.batch, 3, args.in_size, args.in_size, generator=gen).to(dtype)
+                y = torch.randint(0, 10, (args.batch,), generator=gen)
+                runs.append(measure_split(dhn, n, x, y, seed, args.beta, args.tol, args.T1, args.T2, args.update,
+                                          args.slope, variance, args.repeats))
+            r = {"variance": variance, **aggregate(runs)}
+            per_split.append(r)
+            print(f"V={variance:.3g} {n} block(s): free iters {r['free_iters_total']:.1f}, nudged "
+                  f"{r['nudged_iters_total']:.1f}, relax {r['relax_time_s']:.3f}s, step {r['step_time_s']:.3f}s, "
+                  f"cos(EP,ID) {r['cos_ep_id']:.4f}", flush=True)
     result = {"L": L, "dhn": dhn, "width_div": div, "batch": args.batch, "in_size": args.in_size,
               "beta": args.beta, "tol": args.tol, "T1": args.T1, "T2": args.T2, "update": args.update,
-              "slope": args.slope, "variance": variance, "dtype": args.dtype, "seeds": args.seeds,
-              "threads": torch.get_num_threads(), "splits": per_split}
+              "slope": args.slope, "variances": variances, "dtype": args.dtype, "seeds": args.seeds,
+              "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "splits": per_split}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "splitting")
     table = markdown(result)
