@@ -6,3 +6,4 @@ from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kai
 from .estimators import BPTT, EP, ID, Estimator, make_estimator
 
 __version__ = "0.1.0"
+from . import rules  # registers the learning-rule family (cl, pep, nep, cep, pcpl, ncpl, ccpl, tbp, rbp)
