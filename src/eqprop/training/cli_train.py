@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print("eqprop train: aborted; the last checkpoint written (if any) is kept", file=sys.stderr)
         return 130
     last = summary["last"]
-    if "test_top1" in last:
+    if "test_top1" in last and summary["is_main"]:
         print(f"test accuracy: top-1 {last['test_top1']:.2f}%, top-5 {last['test_top5']:.2f}% "
               f"(epoch {last['epoch']}, {last['epoch_time_s']:.0f} s for the epoch)")
     if summary["status"] == "interrupted":

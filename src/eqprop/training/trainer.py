@@ -82,10 +82,11 @@ class Trainer:
         seed_everything(cfg["seed"])
 
         from ..data import DeviceLoader, default_std_factor, load_dataset
-        if train_set is None or test_set is None:
-            opts = cfg["dataset_options"]
-            train_set = train_set or load_dataset(cfg["dataset"], "train", cfg["data_dir"], **opts)
-            test_set = test_set or load_dataset(cfg["dataset"], "test", cfg["data_dir"], **opts)
+        opts = cfg["dataset_options"]
+        if train_set is None:
+            train_set = load_dataset(cfg["dataset"], "train", cfg["data_dir"], **opts)
+        if test_set is None:
+            test_set = load_dataset(cfg["dataset"], "test", cfg["data_dir"], **opts)
         self.model = build_model(cfg, model_inputs(train_set)).to(self.device, self.dtype)
         fmt = torch.channels_last if cfg["channels_last"] else None
         if fmt is not None:
@@ -167,7 +168,9 @@ class Trainer:
                 logits = net(x)
         else:
             logits = net(x)
-        return F.cross_entropy(logits.float(), y), logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.cross_entropy(logits, y), logits
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
@@ -335,7 +338,7 @@ class Trainer:
             if self.dist.is_main else None
         if png is not None:
             self.echo(f"learning curves: {png}")
-        return {"status": status, "epoch": self.epoch, "step": self.step, "last": last,
+        return {"status": status, "epoch": self.epoch, "step": self.step, "last": last, "is_main": self.dist.is_main,
                 "checkpoint": str(self.ckpt_path), "curves": None if png is None else str(png)}
 
     def close(self) -> None:

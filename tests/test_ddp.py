@@ -1,0 +1,62 @@
+"""DistributedDataParallel on CPU (gloo): 2 processes equal 1 process on the combined batch."""
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from eqprop.training.trainer import Trainer
+from test_training_helpers import synthetic_images, tiny_config
+
+# a dense model (no batch-norm, whose statistics would be per rank), EP with fixed
+# iterations, float64 so that only the order of the gradient sums differs
+OVERRIDES = ("model={kind: dense, blocks: [[12, 6]], T1: 6}", "estimator.ep.T2=4", "dtype=float64",
+             "epochs=1", "batch_size=16", "optim.lr=0.005")
+
+
+def _data():
+    return synthetic_images(64, seed=3), synthetic_images(16, seed=4, split="test")
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train, test = _data()
+    trainer = Trainer(tiny_config(out, *OVERRIDES), train, test, echo=lambda _m: None)
+    try:
+        summary = trainer.fit()
+        torch.save({"state": trainer.model.state_dict(), "last": summary["last"]},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        trainer.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    train, test = _data()
+    single = Trainer(tiny_config(tmp_path / "one", *OVERRIDES), train, test, echo=lambda _m: None)
+    one = single.fit()
+    assert len(single.train_loader) == 4  # several optimizer steps
+
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, p in single.model.state_dict().items():
+        for r in ranks:
+            assert torch.allclose(r["state"][name], p, rtol=0, atol=1e-12), name
+    init = Trainer(tiny_config(tmp_path / "init", *OVERRIDES), train, test, echo=lambda _m: None).model
+    block_params = [k for k in init.state_dict() if "couplings" in k]
+    assert block_params and all(not torch.equal(init.state_dict()[k], single.model.state_dict()[k])
+                                for k in block_params)  # the EP gradients reached the block
+    # metrics are reduced over ranks: the same numbers as one process
+    for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
+        assert abs(ranks[0]["last"][key] - one["last"][key]) < 1e-9, key
