@@ -9,8 +9,8 @@ from eqprop.analysis import gdd, splitting
 from eqprop.chain import conv_ffebm
 from eqprop.cli import main
 
-# A 3-block conv ff-EBM small enough for tests (8x8 inputs, pooling in a block and a feedforward map).
-BLOCKS = [{"channels": [3, 4, 6], "pools": "m-"},
+# A 3-block conv ff-EBM small enough for tests (8x8 inputs, a max-pool inside the first block).
+BLOCKS = [{"channels": [3, 4, 6], "pools": "-m"},
           {"channels": [6, 6, 8], "pools": "--"},
           {"channels": [8, 8], "pools": "-", "fc": [6]}]
 
@@ -39,6 +39,8 @@ def test_ep_transient_matches_truncated_bptt_float64(activation, slope):
     for b in r["blocks"]:
         assert b["free"]["converged"] and b["free"]["fixed_point_residual"] < 1e-10
         assert len(b["layers"]) == 2 and len(b["params"]) == 2
+        assert not any(b["switches_at_T2"]["pool_argmax"].values())
+        assert not any(b["switches_at_T2"]["hardsigmoid_regime"].values())
         for q in b["layers"] + b["params"]:
             assert q["cosine"][0] is None and q["rel_error"][0] == 0.0  # t = 0: both are zero
             assert len(q["rel_error"]) == T2 + 1 and q["bptt_norm"][-1] > 0
@@ -48,6 +50,7 @@ def test_ep_transient_matches_truncated_bptt_float64(activation, slope):
         for q in b["layers"]:
             first, last = q["bptt"][1], q["bptt"][-1]
             moving |= any(abs(a - z) > 0.1 * abs(z) for a, z in zip(first, last))
+    assert r["blocks"][0]["switches_at_T2"]["pool_argmax"] == {"coupling1": 0}
     assert moving, "the transient is trivial: the curves do not move after the first step"
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activations import HardSigmoid
 from ..blocks import EnergyBlock, State, relative_change
 from ..chain import FFEBM, conv_ffebm
 from ..estimators import _like, error_scale
@@ -169,7 +170,8 @@ class Curves:
 
 @dataclass
 class BlockGDD:
-    """One block's curves, and its final (t = T2) input and parameter gradients."""
+    """One block's curves, its final (t = T2) input and parameter gradients, and how many
+    discrete switches separate the two nudged states at T2 (what finite beta can break)."""
 
     layers: list[Curves]
     params: list[Curves]
@@ -177,6 +179,28 @@ class BlockGDD:
     grad_u_ep: Tensor
     params_bptt: dict[str, Tensor]
     params_ep: dict[str, Tensor]
+    switches: dict
+
+
+@torch.no_grad()
+def switches(block: EnergyBlock, a: State, b: State) -> dict:
+    """Discrete differences between states a and b: max-pool argmax positions per pooled
+    coupling, and hard-sigmoid units in a different regime (0, linear, 1) per layer.
+
+    EP's finite differences and BPTT's linearisation agree only while both nudged states
+    keep the free state's argmaxes and regimes; each switch adds a term of the size of the
+    states, not of beta."""
+    pools = {}
+    for l, c in enumerate(getattr(block, "couplings", [])):
+        if getattr(c, "pool", False):
+            pools[f"coupling{l + 1}"] = int((c(a[l])[1][0] != c(b[l])[1][0]).sum())
+    regimes = {}
+    for l, act in enumerate(block.activations):
+        if isinstance(act, HardSigmoid):
+            ra = (a[l] > 0).to(torch.int8) + (a[l] >= 1).to(torch.int8)
+            rb = (b[l] > 0).to(torch.int8) + (b[l] >= 1).to(torch.int8)
+            regimes[f"layer{l + 1}"] = int((ra != rb).sum())
+    return {"pool_argmax": pools, "hardsigmoid_regime": regimes}
 
 
 def _pick_units(x: Tensor, n: int) -> list[int]:
@@ -266,7 +290,8 @@ def block_gdd(block: EnergyBlock, u: Tensor, s: State, delta: Tensor, beta: floa
             cv.add(e, b)
     final_ep = ep_params(T2)
     return BlockGDD(lay, par, grad_u_bptt=acc_l[0], grad_u_ep=-(plus[T2][0] - minus[T2][0]) * (cu / (2 * beta)),
-                    params_bptt=dict(zip(pnames, acc_p)), params_ep=dict(zip(pnames, final_ep)))
+                    params_bptt=dict(zip(pnames, acc_p)), params_ep=dict(zip(pnames, final_ep)),
+                    switches=switches(block, plus[T2], minus[T2]))
 
 
 def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, delta_source: str = "bptt",
@@ -313,7 +338,8 @@ def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, de
             per_block[k] = {"name": name, "free": free_info[k], "layers": [c.as_dict() for c in g.layers],
                             "params": [c.as_dict(curves=False) for c in g.params],
                             "input_grad_cosine": _cos(g.grad_u_ep, g.grad_u_bptt),
-                            "input_grad_rel_error": _rel(g.grad_u_ep, g.grad_u_bptt)}
+                            "input_grad_rel_error": _rel(g.grad_u_ep, g.grad_u_bptt),
+                            "switches_at_T2": g.switches}
             if k > 0:
                 gu = g.grad_u_bptt if delta_source == "bptt" else g.grad_u_ep
                 with torch.enable_grad():
@@ -427,8 +453,10 @@ def format_table(result: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.6f}" if abs(v) >= 1e-3 else f"{v:.2e}"  # noqa: E731
     for b in result["blocks"]:
         f = b["free"]
+        sw = b["switches_at_T2"]
         lines.append(f"| **{b['name']}** free phase: {f['iters']} it, residual {f['residual']:.1e}, "
-                     f"fixed-point residual {f['fixed_point_residual']:.1e} | | |")
+                     f"fixed-point residual {f['fixed_point_residual']:.1e}; switches between s+ and s- at T2: "
+                     f"pool argmax {sw['pool_argmax']}, hard-sigmoid regime {sw['hardsigmoid_regime']} | | |")
         for q in b["layers"] + b["params"]:
             lines.append(f"| {q['name']} | {fmt(q['final_cosine'])} | {fmt(q['final_rel_error'])} |")
     s = result["summary"]
