@@ -8,9 +8,9 @@ Three measurements, written as rhel.md (tables), rhel.json (everything) and rhel
           for both estimators versus sequence length.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated above the memory allocated before the
-step. CPU: the step runs under torch.profiler(profile_memory=True); in time order, the
-bytes each operator allocates net of what it frees itself (self_cpu_memory_usage) and the
-allocator's free events are summed, and the peak is the maximum of that running sum. The
+step. CPU: the step runs under torch.profiler(profile_memory=True), which records every allocation and
+free of the CPU allocator (the "[memory]" events, +bytes / -bytes); summed in time order
+they give the bytes allocated since the step began, and the peak is their maximum. The
 "io" column counts the tensors any method must hold whatever the estimator: each HRU's
 input and output sequences and their gradients; "beyond io" = peak - io.
 """
@@ -161,9 +161,13 @@ def peak_bytes(fn, device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # raw allocator events (+bytes on allocation, -bytes on free); prof.events() would build
+    # a tree of every operator, which is slow and large for long sequences
+    mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     running = peak = 0
-    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += ev.self_cpu_memory_usage
+    for _, nbytes in mem:
+        running += nbytes
         peak = max(peak, running)
     return peak
 

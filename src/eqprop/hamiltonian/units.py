@@ -146,8 +146,8 @@ class HRU(nn.Module):
                 ys, y, z = self._parallel(u, y0, z0, nat)
             else:
                 y, z, ys = y0, z0, []
-                for t in range(u.shape[1]):
-                    y, z, _ = self.leapfrog(y, z, u[:, t] @ nat["B"].T, nat)
+                for ut in u.unbind(1):  # one backward node for all steps (u[:, t] would cost O(L) each)
+                    y, z, _ = self.leapfrog(y, z, ut @ nat["B"].T, nat)
                     ys.append(y)
                 ys = torch.stack(ys, 1)
             return (ys @ self.C.T + u * self.D if readout else ys), y, z
@@ -179,6 +179,10 @@ class HRU(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         check_sequence(type(self).__name__, u, self.in_features)
+        if torch.is_autocast_enabled(u.device.type):
+            # the echo must replay the forward's arithmetic exactly: run in the parameters' dtype
+            with torch.autocast(u.device.type, enabled=False):
+                return self.forward(u.to(self.B.dtype))
         if self.estimator == "rhel" and torch.is_grad_enabled():
             from .rhel import rhel_readout
             out = rhel_readout(self, u)
