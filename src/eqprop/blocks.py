@@ -133,19 +133,26 @@ class EnergyBlock(nn.Module):
             out[l] = g
         return out
 
-    def step(self, s: State, u: Tensor, nudge: Tensor | None = None, cache: dict | None = None) -> State:
-        """One sweep of the fixed-point iteration (sync or async); returns new states."""
+    def step(self, s: State, u: Tensor, nudge: Tensor | None = None, cache: dict | None = None,
+             hold_last: bool = False, preactivations: Callable | None = None) -> State:
+        """One sweep of the fixed-point iteration (sync or async); returns new states.
+
+        hold_last keeps the last layer where it is (a clamped output); `preactivations`
+        replaces the block's own (same signature), e.g. for a reduced-precision stepper.
+        """
         L = len(s)
         if self.update == "sync":
             groups = [range(L)]
         else:
             odd, even = range(0, L, 2), range(1, L, 2)  # layers 1, 3, ... are indices 0, 2, ...
             groups = [odd, even] if self.first == "odd" else [even, odd]
+        pre_fn = preactivations or self.preactivations
         s = list(s)
         for group in groups:
-            pre = self.preactivations(s, u, list(group), nudge, cache)
-            for l, z in pre.items():
-                s[l] = self.activations[l](z)
+            layers = [l for l in group if not (hold_last and l == L - 1)]
+            if layers:
+                for l, z in pre_fn(s, u, layers, nudge, cache).items():
+                    s[l] = self.activations[l](z)
         return s
 
     def init_state(self, u: Tensor) -> State:
@@ -153,12 +160,17 @@ class EnergyBlock(nn.Module):
 
     @torch.no_grad()
     def relax(self, u: Tensor, s0: State | None = None, T: int | None = None, tol: float | None = "block",
-              nudge: Tensor | None = None, callback: Callable[[int, State], None] | None = None,
+              nudge: Tensor | Callable[[Tensor], Tensor] | None = None, hold_last: bool = False,
+              callback: Callable[[int, State], None] | None = None, preactivations: Callable | None = None,
               ) -> tuple[State, RelaxStats]:
         """Run the fixed-point iteration from `s0` (zeros by default) for at most T steps.
 
-        tol='block' uses the block's tolerance; None runs exactly T steps. `callback(t, s)`
-        is called after every step (for analyses; it costs nothing when absent).
+        tol='block' uses the block's tolerance; None runs exactly T steps.
+        nudge: extra current on the last layer, a tensor or a function of the last layer's
+        state re-evaluated every step (e.g. -beta * dC/ds_L for a cost C on the output).
+        hold_last: the last layer keeps its value from s0 (a clamped output).
+        callback(t, s) is called after every step (for analyses; free when absent).
+        preactivations: replaces the block's own in every step (see `step`).
         """
         T = self.T1 if T is None else T
         tol = self.tol if tol == "block" else tol
@@ -166,21 +178,29 @@ class EnergyBlock(nn.Module):
         _check_tol(self.block_name, tol)
         s = self.init_state(u) if s0 is None else [x.detach() for x in s0]
         out_dtype = u.dtype
-        if self.relax_dtype is not None and self.relax_dtype != u.dtype:
-            with torch.autocast(u.device.type, dtype=self.relax_dtype):
-                s, stats = self._relax_loop(u.to(self.relax_dtype), [x.to(self.relax_dtype) for x in s], T, tol,
-                                            None if nudge is None else nudge.to(self.relax_dtype), callback)
+        if self.relax_dtype is not None and self.relax_dtype != u.dtype and preactivations is None:
+            low = self.relax_dtype
+            if callable(nudge):
+                force = nudge
+                nudge = lambda sl: force(sl.to(out_dtype)).to(low)  # noqa: E731
+            elif nudge is not None:
+                nudge = nudge.to(low)
+            with torch.autocast(u.device.type, dtype=low):
+                s, stats = self._relax_loop(u.to(low), [x.to(low) for x in s], T, tol, nudge, hold_last, callback,
+                                            None)
             return [x.to(out_dtype) for x in s], stats
-        return self._relax_loop(u, s, T, tol, nudge, callback)
+        return self._relax_loop(u, s, T, tol, nudge, hold_last, callback, preactivations)
 
-    def _relax_loop(self, u: Tensor, s: State, T: int, tol: float | None, nudge: Tensor | None,
-                    callback: Callable[[int, State], None] | None) -> tuple[State, RelaxStats]:
+    def _relax_loop(self, u: Tensor, s: State, T: int, tol: float | None, nudge, hold_last: bool,
+                    callback: Callable[[int, State], None] | None, preactivations: Callable | None
+                    ) -> tuple[State, RelaxStats]:
         every = self.check_every or (1 if u.device.type == "cpu" else 10)
         cache: dict = {}
         t = 0
         converged = None if tol is None else False
         while t < T:
-            new = self.step(s, u, nudge, cache)
+            current = nudge(s[-1]) if callable(nudge) else nudge
+            new = self.step(s, u, current, cache, hold_last, preactivations)
             t += 1
             if callback is not None:
                 callback(t, new)

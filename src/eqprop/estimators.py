@@ -28,18 +28,6 @@ def _block_params(block: EnergyBlock) -> list[Tensor]:
     return [p for p in block.parameters() if p.requires_grad]
 
 
-class Estimator:
-    """Base class: `attach(block, u, free_state) -> output` with the right backward."""
-
-    name = "estimator"
-
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        raise NotImplementedError
-
-    def validate(self) -> None:
-        pass
-
-
 def error_scale(delta: Tensor, mode: str) -> Tensor:
     """Scale c with delta = c * delta_hat: shape (batch,) or () (SPEC §3, last paragraph).
 
@@ -59,8 +47,67 @@ def _like(scale: Tensor, x: Tensor) -> Tensor:
     return scale.view(-1, *([1] * (x.dim() - 1))) if scale.dim() else scale
 
 
+class Estimator:
+    """Base class: `attach(block, u, free_state) -> output` with the right backward."""
+
+    name = "estimator"
+
+    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        pass
+
+
+class ContrastEstimator(Estimator):
+    """An estimator that contrasts two states of the block (EP and the energy-based rules).
+
+    `contrast(block, u, free_state, delta)` returns (first, second, denom, weights); the
+    backward then gives
+        dl/dtheta = -sum_b w_b (dPhi_b/dtheta(first) - dPhi_b/dtheta(second)) / denom
+        dl/du     = -w (s_1(first) - s_1(second)) / denom
+    with per-sample weights w of shape (batch,) or ().
+    """
+
+    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
+        self.validate()
+        return _ContrastFunction.apply(u, block, self, s, *_block_params(block))
+
+    def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor
+                 ) -> tuple[State, State, float, Tensor]:
+        raise NotImplementedError
+
+
+class _ContrastFunction(torch.autograd.Function):
+    """Forward: the free equilibrium's last layer. Backward: the estimator's two states."""
+
+    @staticmethod
+    def forward(ctx, u, block, est, s, *params):
+        ctx.block, ctx.est = block, est
+        ctx.save_for_backward(u, *s)
+        return s[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, *s = ctx.saved_tensors
+        block, est = ctx.block, ctx.est
+        first, second, denom, w = est.contrast(block, u, s, grad_out)
+        grad_u = None
+        if ctx.needs_input_grad[0]:
+            # dPhi/du = s_1, so dl/du ~ -(s_1(first) - s_1(second)) / denom
+            grad_u = -(first[0] - second[0]) * (_like(w, u) / denom)
+        params = _block_params(block)
+        grads = [None] * len(params)
+        if params:
+            weights = (-w / denom).to(u.dtype).expand(u.shape[0])
+            with torch.enable_grad():
+                diff = block.phi(first, u) - block.phi(second, u)
+                grads = torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True)
+        return (grad_u, None, None, None, *grads)
+
+
 @dataclass
-class EP(Estimator):
+class EP(ContrastEstimator):
     """Equilibrium Propagation (SPEC §3).
 
     beta:      nudging strength (> 0)
@@ -90,16 +137,9 @@ class EP(Estimator):
         _check_positive_int("EP", "T2", self.T2)
         _check_tol("EP", self.tol)
 
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        self.validate()
-        return _EPFunction.apply(u, block, self, s, *_block_params(block))
-
-    def nudged_states(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor):
-        """Nudged equilibria for the error current `delta` = dl/ds_L.
-
-        Returns (first, second, denom, scale): the estimate of dl/dtheta is
-        -scale * (dPhi/dtheta(first) - dPhi/dtheta(second)) / denom.
-        """
+    def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor):
+        """Nudged equilibria for the error current `delta` = dl/ds_L, normalised to
+        delta / scale; returns (first, second, denom, scale) (see ContrastEstimator)."""
         scale = error_scale(delta, self.normalize)
         c = _like(scale, delta)
         delta_hat = torch.where(c > 0, delta / c.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
@@ -110,32 +150,6 @@ class EP(Estimator):
             second, block.stats["nudged-"] = block.relax(u, s, self.T2, self.tol, nudge=self.beta * delta_hat)
         denom = 2 * self.beta if self.variant == "centered" else self.beta
         return first, second, denom, scale
-
-
-class _EPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, block, est, s, *params):
-        ctx.block, ctx.est, ctx.n_layers = block, est, len(s)
-        ctx.save_for_backward(u, *s)
-        return s[-1].clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        u, *s = ctx.saved_tensors
-        block, est = ctx.block, ctx.est
-        first, second, denom, scale = est.nudged_states(block, u, s, grad_out)
-        grad_u = None
-        if ctx.needs_input_grad[0]:
-            # dPhi/du = s_1, so dl/du ~ -(s_1(first) - s_1(second)) / denom
-            grad_u = -(first[0] - second[0]) * (_like(scale, u) / denom)
-        params = _block_params(block)
-        grads = [None] * len(params)
-        if params:
-            weights = (-scale / denom).expand(u.shape[0])
-            with torch.enable_grad():
-                diff = block.phi(first, u) - block.phi(second, u)
-                grads = torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True)
-        return (grad_u, None, None, None, *grads)
 
 
 @dataclass
