@@ -84,15 +84,17 @@ def build(dhn: dict, n_blocks: int, seed: int, **kw) -> FFEBM:
     return conv_ffebm(split_dhn(dhn, n_blocks), **kw)
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
+def _time(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of fn(); CPU time counts this process' threads only, so it
+    is less sensitive than wall time to other programs sharing the cores."""
+    w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_models(models: list[FFEBM], x, y, repeats: int) -> list[tuple[float, float]]:
-    """(relaxation, training step) wall time per model: the minimum over `repeats`, with the
-    models taken in turn within each repeat so that a change of machine load hits all alike."""
+def time_models(models: list[FFEBM], x, y, repeats: int) -> list[dict]:
+    """Relaxation and training-step times per model (wall and CPU): the minimum over `repeats`,
+    with the models taken in turn within each repeat so that a change of load hits all alike."""
     opts = [torch.optim.Adam(m.parameters(), lr=1e-5) for m in models]
 
     def step(m, opt):
@@ -108,7 +110,8 @@ def time_models(models: list[FFEBM], x, y, repeats: int) -> list[tuple[float, fl
             with torch.no_grad():
                 relax[i].append(_time(lambda: m(x)))
             steps[i].append(_time(lambda: step(m, opt)))
-    return [(min(r), min(t)) for r, t in zip(relax, steps)]
+    return [{"relax_time_s": min(w for w, _ in r), "relax_cpu_s": min(c for _, c in r),
+             "step_time_s": min(w for w, _ in t), "step_cpu_s": min(c for _, c in t)} for r, t in zip(relax, steps)]
 
 
 def _grads(model: FFEBM, x, y) -> list[torch.Tensor]:
@@ -172,20 +175,21 @@ def aggregate(runs: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     lines = [
         "| V (GOE) | blocks | layers/block | free iters (per block) | free iters total | speed-up (free iters) | "
-        "full-sweep equiv. | nudged iters (total, +/-) | relax time (s) | speed-up (time) | step time (s) | "
-        "cos(EP, ID) | min tensor cos |",
+        "full-sweep equiv. | nudged iters (total, +/-) | relax wall / CPU (s) | speed-up (CPU time) | "
+        "step wall / CPU (s) | cos(EP, ID) | min tensor cos |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["splits"]:
         base = next(q for q in result["splits"] if q["variance"] == r["variance"] and q["blocks"] == 1) \
             if any(q["blocks"] == 1 and q["variance"] == r["variance"] for q in result["splits"]) else None
         speed = f"{base['free_iters_total'] / r['free_iters_total']:.2f}x" if base else "n/a"
-        tspeed = f"{base['relax_time_s'] / r['relax_time_s']:.2f}x" if base else "n/a"
+        tspeed = f"{base['relax_cpu_s'] / r['relax_cpu_s']:.2f}x" if base else "n/a"
         flag = "" if r["converged"] else " (not converged)"
         lines.append(
             f"| {r['variance']:.3g} | {r['blocks']} | {'+'.join(map(str, r['layers_per_block']))} | "
             f"{r['free_iters']} | {r['free_iters_total']:.1f}{flag} | {speed} | {r['free_sweeps_equiv']:.1f} | "
-            f"{r['nudged_iters_total']:.1f} | {r['relax_time_s']:.3f} | {tspeed} | {r['step_time_s']:.3f} | "
+            f"{r['nudged_iters_total']:.1f} | {r['relax_time_s']:.3f} / {r['relax_cpu_s']:.3f} | {tspeed} | "
+            f"{r['step_time_s']:.3f} / {r['step_cpu_s']:.3f} | "
             f"{r['cos_ep_id']:.4f} | {r['min_tensor_cos_ep_id']:.4f} |")
     return "\n".join(lines)
 
@@ -200,8 +204,8 @@ def plot(result: dict, path: str) -> None:
     splits = sorted({r["blocks"] for r in rows})
     panels = [("free_iters_total", "free-phase iterations (sum over blocks)"),
               ("nudged_iters_total", "nudged-phase iterations (sum, +/-)"),
-              ("relax_time_s", "one relaxation (s)"),
-              ("step_time_s", "one training step (s)")]
+              ("relax_cpu_s", "one relaxation (CPU s)"),
+              ("step_cpu_s", "one training step (CPU s)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
     width = 0.8 / len(splits)
     for ax, (key, title) in zip(axes, panels):
@@ -278,9 +282,11 @@ def run(args) -> int:
             print(f"V={variance:.3g} {n} block(s): free iters {r['free_iters_total']:.1f}, nudged "
                   f"{r['nudged_iters_total']:.1f}, cos(EP,ID) {r['cos_ep_id']:.4f}", flush=True)
         # Wall times on the first seed's batch, the splits of this V timed in turn.
-        for r, (t_relax, t_step) in zip(per_split[-len(splits):], time_models(models, *x0y0, args.repeats)):
-            r["relax_time_s"], r["step_time_s"] = t_relax, t_step
-            print(f"V={variance:.3g} {r['blocks']} block(s): relax {t_relax:.3f}s, step {t_step:.3f}s", flush=True)
+        for r, times in zip(per_split[-len(splits):], time_models(models, *x0y0, args.repeats)):
+            r.update(times)
+            print(f"V={variance:.3g} {r['blocks']} block(s): relax {times['relax_time_s']:.3f}s wall "
+                  f"({times['relax_cpu_s']:.3f}s CPU), step {times['step_time_s']:.3f}s wall "
+                  f"({times['step_cpu_s']:.3f}s CPU)", flush=True)
     result = {"L": L, "dhn": dhn, "width_div": div, "batch": args.batch, "in_size": args.in_size,
               "beta": args.beta, "tol": args.tol, "T1": args.T1, "T2": args.T2, "update": args.update,
               "slope": args.slope, "variances": variances, "dtype": args.dtype, "seeds": args.seeds,
