@@ -43,9 +43,9 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))  # run from a checkout without installing
 
-from eqprop.blocks import ConvHopfield, EnergyBlock  # noqa: E402
+from eqprop.analysis.splitting import sweep_flops  # noqa: E402
+from eqprop.blocks import EnergyBlock  # noqa: E402
 from eqprop.chain import FFEBM, conv_ffebm  # noqa: E402
-from eqprop.couplings import ConvCoupling, DenseCoupling  # noqa: E402
 
 MODELS = {
     "L6": dict(blocks=[{"channels": [3, 128, 256, 256], "pools": "mmm"},
@@ -140,24 +140,10 @@ def block_inputs(model: FFEBM, x) -> list[torch.Tensor]:
 
 
 def coupling_flops(block: EnergyBlock, u: torch.Tensor) -> int:
-    """FLOPs of one sweep of `block`: every coupling's map and its adjoint (2 per MAC).
-
-    With the stepper's memoisation each coupling's forward map and adjoint run once per
-    sweep, in both sync and async mode; pooling, activations and additions are not counted.
-    """
-    shapes = block.state_shapes(tuple(u.shape[1:]))
-    n, total = u.shape[0], 0
-    for l, c in enumerate(block.couplings):
-        if isinstance(c, ConvCoupling):
-            cin, h, w = shapes[l]
-            k = c.conv.kernel_size[0] * c.conv.kernel_size[1]
-            macs = n * cin * c.conv.out_channels * k * h * w
-        elif isinstance(c, DenseCoupling):
-            macs = n * c.linear.in_features * c.linear.out_features
-        else:
-            raise ValueError(f"coupling_flops: unknown coupling {type(c).__name__}")
-        total += 2 * 2 * macs
-    return total
+    """FLOPs of one sweep of `block` at input current u: every coupling's map and its
+    adjoint (2 per multiply-add). With the stepper's memoisation each runs once per sweep,
+    in sync and async mode alike; pooling, activations and additions are not counted."""
+    return sweep_flops(block, tuple(u.shape[1:]), u.shape[0])
 
 
 # --- parts -------------------------------------------------------------------------------

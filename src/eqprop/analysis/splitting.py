@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..blocks import EnergyBlock
 from ..chain import FFEBM, conv_ffebm
+from ..couplings import ConvCoupling, DenseCoupling
 
 # The L = 6 DHN of SPEC §6 as a 1-block spec: conv layers after the input map, then fc.
 DHN_L6 = {"channels": [3, 128, 256, 256, 512, 512], "pools": "mmmm-", "fc": [256]}
@@ -84,6 +86,43 @@ def build(dhn: dict, n_blocks: int, seed: int, **kw) -> FFEBM:
     return conv_ffebm(split_dhn(dhn, n_blocks), **kw)
 
 
+def sweep_flops(block: EnergyBlock, in_shape: tuple[int, ...], batch: int) -> int:
+    """FLOPs of one sweep of a Hopfield block (sync or async): every coupling's map and its
+    adjoint once (the stepper memoises the maps), 2 FLOPs per multiply-add; pooling,
+    activations and additions are not counted."""
+    shapes = block.state_shapes(tuple(in_shape))
+    total = 0
+    for l, c in enumerate(block.couplings):
+        if isinstance(c, ConvCoupling):
+            cin, h, w = shapes[l]
+            k = c.conv.kernel_size[0] * c.conv.kernel_size[1]
+            macs = cin * c.conv.out_channels * k * h * w
+        elif isinstance(c, DenseCoupling):
+            macs = c.linear.in_features * c.linear.out_features
+        else:
+            raise ValueError(f"sweep_flops: unknown coupling {type(c).__name__} in {block.block_name}")
+        total += 2 * 2 * macs * batch
+    return total
+
+
+def block_input_shapes(model: FFEBM, x) -> list[tuple[int, ...]]:
+    """Per block, the shape (without batch) of its input current for inputs like x."""
+    shapes, hooks = [], [b.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape[1:])))
+                         for b in model.blocks]
+    saved = [b.T1 for b in model.blocks]
+    try:
+        for b in model.blocks:
+            b.T1 = 1
+        with torch.no_grad():
+            model(x)
+    finally:
+        for b, t in zip(model.blocks, saved):
+            b.T1 = t
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
 def _time(fn) -> tuple[float, float]:
     """(wall, process CPU) seconds of fn(); CPU time counts this process' threads only, so it
     is less sensitive than wall time to other programs sharing the cores."""
@@ -144,53 +183,63 @@ def measure_split(dhn: dict, n_blocks: int, x, y, seed: int, beta: float, tol: f
     id_conv = all(s["adjoint"]["converged"] for s in model.relax_stats())
     model.set_estimator("ep", beta=beta, T2=T2, tol=tol)
     names = [n for n, _ in model.named_parameters()]
+    in_block = {id(p) for b in model.blocks for p in b.parameters()}
+    is_block = [id(p) in in_block for p in model.parameters()]
     per_tensor = {n: _cos(a, b) for n, a, b in zip(names, ep, ident)}
     whole = _cos(torch.cat([g.flatten() for g in ep]), torch.cat([g.flatten() for g in ident]))
+    blocks_cos = _cos(torch.cat([g.flatten() for g, k in zip(ep, is_block) if k]),
+                      torch.cat([g.flatten() for g, k in zip(ident, is_block) if k]))
+    block_tensors = [v for (n, v), k in zip(per_tensor.items(), is_block) if k and not math.isnan(v)]
+    flops = [sweep_flops(b, shape, x.shape[0]) for b, shape in zip(model.blocks, block_input_shapes(model, x))]
     L = sum(sizes)
     return {
         "blocks": n_blocks, "layers_per_block": sizes,
         "free_iters": free, "free_iters_total": sum(free),
         "free_sweeps_equiv": sum(i * n for i, n in zip(free, sizes)) / L,
+        "free_gflop": sum(i * f for i, f in zip(free, flops)) / 1e9, "sweep_gflop": [f / 1e9 for f in flops],
         "nudged_iters": nudged, "nudged_iters_total": sum(nudged),
         "converged": converged, "id_converged": id_conv,
-        "cos_ep_id": whole, "min_tensor_cos_ep_id": min(v for v in per_tensor.values() if not math.isnan(v)),
+        "cos_ep_id": whole, "cos_ep_id_blocks": blocks_cos, "min_block_tensor_cos_ep_id": min(block_tensors),
         "cos_ep_id_per_tensor": per_tensor,
     }, model
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """Mean over seeds of the scalar fields, first seed's lists."""
+    """Mean over seeds of the numbers (element-wise for per-block lists); the worst tensor
+    cosine over seeds; the first seed's per-tensor cosines."""
     out = dict(runs[0])
     for k, v in runs[0].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "blocks":
             out[k] = statistics.mean(r[k] for r in runs)
+        elif k in ("free_iters", "nudged_iters"):
+            out[k] = [statistics.mean(vals) for vals in zip(*(r[k] for r in runs))]
     out["converged"] = all(r["converged"] for r in runs)
     out["id_converged"] = all(r["id_converged"] for r in runs)
     out["free_iters_per_seed"] = [r["free_iters_total"] for r in runs]
-    out["min_tensor_cos_ep_id"] = min(r["min_tensor_cos_ep_id"] for r in runs)
-    out.pop("cos_ep_id_per_tensor", None)
+    out["min_block_tensor_cos_ep_id"] = min(r["min_block_tensor_cos_ep_id"] for r in runs)
     return out
 
 
 def markdown(result: dict) -> str:
     lines = [
-        "| V (GOE) | blocks | layers/block | free iters (per block) | free iters total | speed-up (free iters) | "
-        "full-sweep equiv. | nudged iters (total, +/-) | relax wall / CPU (s) | speed-up (CPU time) | "
-        "step wall / CPU (s) | cos(EP, ID) | min tensor cos |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| V (GOE) | blocks | layers/block | free iters per block | free iters, sum | ratio | full-sweep equiv. | "
+        "free-phase GFLOP | ratio | nudged iters (sum, +/-) | relax wall / CPU (s) | ratio (CPU) | "
+        "step wall / CPU (s) | cos(EP, ID) all / blocks | min block tensor cos |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["splits"]:
         base = next(q for q in result["splits"] if q["variance"] == r["variance"] and q["blocks"] == 1) \
             if any(q["blocks"] == 1 and q["variance"] == r["variance"] for q in result["splits"]) else None
-        speed = f"{base['free_iters_total'] / r['free_iters_total']:.2f}x" if base else "n/a"
-        tspeed = f"{base['relax_cpu_s'] / r['relax_cpu_s']:.2f}x" if base else "n/a"
+        ratio = (lambda k: f"{base[k] / r[k]:.2f}x" if base else "n/a")  # noqa: E731
         flag = "" if r["converged"] else " (not converged)"
         lines.append(
             f"| {r['variance']:.3g} | {r['blocks']} | {'+'.join(map(str, r['layers_per_block']))} | "
-            f"{r['free_iters']} | {r['free_iters_total']:.1f}{flag} | {speed} | {r['free_sweeps_equiv']:.1f} | "
-            f"{r['nudged_iters_total']:.1f} | {r['relax_time_s']:.3f} / {r['relax_cpu_s']:.3f} | {tspeed} | "
+            f"{', '.join(f'{v:.1f}' for v in r['free_iters'])} | {r['free_iters_total']:.1f}{flag} | "
+            f"{ratio('free_iters_total')} | {r['free_sweeps_equiv']:.1f} | {r['free_gflop']:.2f} | "
+            f"{ratio('free_gflop')} | {r['nudged_iters_total']:.1f} | "
+            f"{r['relax_time_s']:.3f} / {r['relax_cpu_s']:.3f} | {ratio('relax_cpu_s')} | "
             f"{r['step_time_s']:.3f} / {r['step_cpu_s']:.3f} | "
-            f"{r['cos_ep_id']:.4f} | {r['min_tensor_cos_ep_id']:.4f} |")
+            f"{r['cos_ep_id']:.3f} / {r['cos_ep_id_blocks']:.3f} | {r['min_block_tensor_cos_ep_id']:.3f} |")
     return "\n".join(lines)
 
 
@@ -203,6 +252,7 @@ def plot(result: dict, path: str) -> None:
     variances = sorted({r["variance"] for r in rows})
     splits = sorted({r["blocks"] for r in rows})
     panels = [("free_iters_total", "free-phase iterations (sum over blocks)"),
+              ("free_gflop", "free-phase GFLOP (iterations x block cost)"),
               ("nudged_iters_total", "nudged-phase iterations (sum, +/-)"),
               ("relax_cpu_s", "one relaxation (CPU s)"),
               ("step_cpu_s", "one training step (CPU s)")]
@@ -280,7 +330,8 @@ def run(args) -> int:
             per_split.append({"variance": variance, **aggregate(runs)})
             r = per_split[-1]
             print(f"V={variance:.3g} {n} block(s): free iters {r['free_iters_total']:.1f}, nudged "
-                  f"{r['nudged_iters_total']:.1f}, cos(EP,ID) {r['cos_ep_id']:.4f}", flush=True)
+                  f"{r['nudged_iters_total']:.1f}, cos(EP,ID) {r['cos_ep_id']:.4f}, blocks "
+                  f"{r['cos_ep_id_blocks']:.4f}", flush=True)
         # Wall times on the first seed's batch, the splits of this V timed in turn.
         for r, times in zip(per_split[-len(splits):], time_models(models, *x0y0, args.repeats)):
             r.update(times)
