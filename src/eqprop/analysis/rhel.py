@@ -288,28 +288,35 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    titles = {"eps": ("RHEL vs BPTT: relative error", "eps", "relative error"),
+              "length": (f"relative error vs length (eps {results['settings']['length_eps']:g})", "sequence length",
+                         "max relative error"),
+              "memory": ("training step: peak memory beyond io", "sequence length", "MiB")}
+    panels = [k for k in titles if any(k in res for res in results["kinds"].values())]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
     for kind, res in results["kinds"].items():
         if "eps" in res:
             rows = res["eps"]["rows"]
-            axes[0].loglog([r["eps"] for r in rows], [r["max_rel_error"] for r in rows], "o-", label=f"{kind} max")
-            axes[0].loglog([r["eps"] for r in rows], [r["median_rel_error"] for r in rows], "s--",
-                           label=f"{kind} median")
+            ax["eps"].loglog([r["eps"] for r in rows], [r["max_rel_error"] for r in rows], "o-", label=f"{kind} max")
+            ax["eps"].loglog([r["eps"] for r in rows], [r["median_rel_error"] for r in rows], "s--",
+                             label=f"{kind} median")
         if "length" in res:
             rows = res["length"]["rows"]
-            axes[1].loglog([r["length"] for r in rows], [r["max_rel_error"] for r in rows], "o-", label=kind)
+            ax["length"].loglog([r["length"] for r in rows], [r["max_rel_error"] for r in rows], "o-", label=kind)
         if "memory" in res:
             for est, style in (("bptt", "o-"), ("rhel", "s-")):
-                axes[2].plot([r["length"] for r in res["memory"]],
-                             [r[est]["beyond_io_bytes"] / 2**20 for r in res["memory"]], style, label=f"{kind} {est}")
-    for ax, title, xl, yl in ((axes[0], "RHEL vs BPTT: relative error", "eps", "relative error"),
-                              (axes[1], "relative error vs length", "sequence length", "max relative error"),
-                              (axes[2], "step memory beyond io", "sequence length", "MiB")):
-        ax.set_title(title)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        if ax.has_data():
-            ax.legend(fontsize=8)
+                ax["memory"].plot([r["length"] for r in res["memory"]],
+                                  [r[est]["beyond_io_bytes"] / 2**20 for r in res["memory"]], style,
+                                  label=f"{kind} {est}")
+    for key, (title, xl, yl) in titles.items():
+        if key in ax:
+            ax[key].set_title(title)
+            ax[key].set_xlabel(xl)
+            ax[key].set_ylabel(yl)
+            ax[key].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
