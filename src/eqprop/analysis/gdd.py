@@ -67,11 +67,15 @@ MODELS: dict[str, dict] = {
 
 
 def build_model(name: str, activation: str = "hardsigmoid", slope: float | None = None, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> tuple[FFEBM, dict]:
+                dtype: torch.dtype = torch.float32, variance: float | None = None) -> tuple[FFEBM, dict]:
     """The named analysis model (see MODELS) with synchronous updates, in `dtype`."""
     if name not in MODELS:
         raise ValueError(f"gdd: unknown model {name!r}, expected one of {sorted(MODELS)}")
     cfg = dict(MODELS[name])
+    if variance is not None:
+        if not variance > 0:
+            raise ValueError(f"gdd: the GOE variance must be > 0, got {variance}")
+        cfg["variance"] = variance
     torch.manual_seed(seed)
     model = conv_ffebm(cfg["blocks"], num_classes=cfg["num_classes"], in_size=cfg["in_size"],
                        activation=activation, slope=cfg["slope"] if slope is None else slope, init=cfg["init"],
@@ -108,14 +112,16 @@ def synchronous(blocks: list[EnergyBlock]):
 
 
 def _cos(a: Tensor, b: Tensor) -> float | None:
+    a, b = a.double().flatten(), b.double().flatten()  # float64 sums: no cosine above 1
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return None
-    return float((a.flatten() @ b.flatten()) / (na * nb))
+    return float((a @ b) / (na * nb))
 
 
 def _rel(a: Tensor, b: Tensor) -> float | None:
     """||a - b|| / ||b||; 0 when both vanish, None when only b does."""
+    a, b = a.double(), b.double()
     nb, nd = b.norm(), (a - b).norm()
     if nb == 0:
         return 0.0 if nd == 0 else None
@@ -414,6 +420,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--activation", default="hardsigmoid", choices=["hardsigmoid", "sigmoid"])
     parser.add_argument("--slope", type=float, default=None, help="activation slope (model default)")
+    parser.add_argument("--variance", type=float, default=None,
+                        help="GOE variance V of the blocks' couplings (model default; larger V: stronger "
+                             "coupling, longer transients)")
     parser.add_argument("--delta", default="bptt", choices=["bptt", "ep"],
                         help="where a lower block's error current comes from (see docs/gradients.md)")
     parser.add_argument("--units", type=int, default=4, help="units plotted per layer")
@@ -427,7 +436,7 @@ def run(args) -> int:
     import os
 
     dtype = getattr(torch, args.dtype)
-    model, cfg = build_model(args.model, args.activation, args.slope, args.seed, dtype)
+    model, cfg = build_model(args.model, args.activation, args.slope, args.seed, dtype, args.variance)
     tol = args.tol if args.tol is not None else (1e-12 if dtype == torch.float64 else 1e-6)
     model.configure_blocks(T1=args.T1, tol=tol)
     beta = cfg["beta"] if args.beta is None else args.beta
@@ -436,9 +445,11 @@ def run(args) -> int:
     x, y = synthetic_batch(batch, cfg["in_size"], cfg["num_classes"], args.seed, dtype)
     model.train()
     result = analyze(model, x, y, beta, T2, args.delta, units=args.units)
-    result.update(model_name=args.model, activation=args.activation, seed=args.seed, T1=args.T1, tol=tol)
+    result.update(model_name=args.model, activation=args.activation, seed=args.seed, T1=args.T1, tol=tol,
+                  variance=cfg["variance"])
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"gdd_{args.model}_{args.activation}_{args.dtype}_beta{beta:g}")
+    tag = "" if args.variance is None else f"_V{args.variance:g}"
+    stem = os.path.join(args.out, f"gdd_{args.model}{tag}_{args.activation}_{args.dtype}_beta{beta:g}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot(result, stem + ".png")
