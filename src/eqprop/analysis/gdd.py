@@ -301,11 +301,16 @@ def block_gdd(block: EnergyBlock, u: Tensor, s: State, delta: Tensor, beta: floa
 
 
 def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, delta_source: str = "bptt",
-            normalize: str = "sample", units: int = 4, keep_tensors: bool = False) -> dict:
+            normalize: str = "sample", units: int = 4, keep_tensors: bool = False, reduction: str = "mean") -> dict:
     """Run the static gradient analysis on one batch; returns a JSON-ready dict.
 
-    With keep_tensors, result['tensors'][block name] holds the BlockGDD (final gradients).
+    `normalize` is EP's error-current normalisation ('sample': the nudge of every sample has
+    norm beta; 'none': the nudge is beta * dl/ds, as in the published code with a summed
+    loss, `reduction='sum'`). With keep_tensors, result['tensors'][block name] holds the
+    BlockGDD (final gradients).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"gdd: reduction must be 'mean' or 'sum', got {reduction!r}")
     if delta_source not in ("bptt", "ep"):
         raise ValueError(f"gdd: delta_source must be 'bptt' or 'ep', got {delta_source!r}")
     if not (beta > 0 and math.isfinite(beta)):
@@ -314,6 +319,7 @@ def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, de
         raise ValueError(f"gdd: T2 must be a positive integer, got {T2!r}")
     ffs, blocks, readout = split_chain(model)
     result: dict = {"beta": beta, "T2": T2, "delta_source": delta_source, "normalize": normalize,
+                    "reduction": reduction,
                     "dtype": str(x.dtype).replace("torch.", ""), "batch": int(x.shape[0]), "blocks": []}
     with synchronous(blocks):
         # Free phase, keeping each feedforward map's graph to carry error currents down.
@@ -331,7 +337,7 @@ def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, de
             h = s[-1]
         with torch.enable_grad():
             top = h.detach().requires_grad_(True)
-            loss = F.cross_entropy(readout(top), y)
+            loss = F.cross_entropy(readout(top), y, reduction=reduction)
             delta = torch.autograd.grad(loss, top)[0]
         result["loss"] = float(loss.detach())
         per_block: list[dict] = [None] * len(blocks)  # type: ignore[list-item]
@@ -341,7 +347,9 @@ def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, de
             g = block_gdd(blocks[k], us[k], frees[k], delta, beta, T2, name, normalize, units)
             if keep_tensors:
                 tensors[name] = g
-            per_block[k] = {"name": name, "free": free_info[k], "layers": [c.as_dict() for c in g.layers],
+            per_block[k] = {"name": name, "free": free_info[k],
+                            "error_current_norm": float(delta.flatten(1).norm(dim=1).mean()),
+                            "layers": [c.as_dict() for c in g.layers],
                             "params": [c.as_dict(curves=False) for c in g.params],
                             "input_grad_cosine": _cos(g.grad_u_ep, g.grad_u_bptt),
                             "input_grad_rel_error": _rel(g.grad_u_ep, g.grad_u_bptt),
@@ -425,6 +433,10 @@ def add_arguments(parser) -> None:
                              "coupling, longer transients)")
     parser.add_argument("--delta", default="bptt", choices=["bptt", "ep"],
                         help="where a lower block's error current comes from (see docs/gradients.md)")
+    parser.add_argument("--normalize", default="sample", choices=["sample", "batch", "none"],
+                        help="EP's error-current normalisation (sample: every sample's nudge has norm beta)")
+    parser.add_argument("--loss-reduction", default="mean", choices=["mean", "sum"],
+                        help="cross-entropy reduction; 'sum' with --normalize none nudges as the published code")
     parser.add_argument("--units", type=int, default=4, help="units plotted per layer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/analyze",
@@ -444,11 +456,14 @@ def run(args) -> int:
     batch = cfg["batch"] if args.batch is None else args.batch
     x, y = synthetic_batch(batch, cfg["in_size"], cfg["num_classes"], args.seed, dtype)
     model.train()
-    result = analyze(model, x, y, beta, T2, args.delta, units=args.units)
+    result = analyze(model, x, y, beta, T2, args.delta, normalize=args.normalize, units=args.units,
+                     reduction=args.loss_reduction)
     result.update(model_name=args.model, activation=args.activation, seed=args.seed, T1=args.T1, tol=tol,
                   variance=cfg["variance"])
     os.makedirs(args.out, exist_ok=True)
     tag = "" if args.variance is None else f"_V{args.variance:g}"
+    if args.normalize != "sample" or args.loss_reduction != "mean":
+        tag += f"_{args.normalize}_{args.loss_reduction}"
     stem = os.path.join(args.out, f"gdd_{args.model}{tag}_{args.activation}_{args.dtype}_beta{beta:g}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -465,7 +480,8 @@ def format_table(result: dict) -> str:
     for b in result["blocks"]:
         f = b["free"]
         sw = b["switches_at_T2"]
-        lines.append(f"| **{b['name']}** free phase: {f['iters']} it, residual {f['residual']:.1e}, "
+        lines.append(f"| **{b['name']}** error current {b['error_current_norm']:.2e} per sample; "
+                     f"free phase: {f['iters']} it, residual {f['residual']:.1e}, "
                      f"fixed-point residual {f['fixed_point_residual']:.1e}; switches between s+ and s- at T2: "
                      f"pool argmax {sw['pool_argmax']}, hard-sigmoid regime {sw['hardsigmoid_regime']} | | |")
         for q in b["layers"] + b["params"]:
