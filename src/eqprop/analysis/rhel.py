@@ -3,7 +3,9 @@
 Three measurements, written as rhel.md (tables), rhel.json (everything) and rhel.png:
   eps     per-parameter relative error ||g_rhel - g_bptt|| / ||g_bptt|| and cosine, on one
           batch (synthetic, or the first test samples of a sequence dataset), per eps;
-  length  the same at one eps (--length-eps) versus sequence length, synthetic inputs;
+  length  the same at one eps (--length-eps) versus sequence length, synthetic inputs; in
+          float32 also BPTT against float64 BPTT, which tells how well conditioned the
+          gradient itself is at that length;
   memory  time and peak memory of a training step (forward + cross-entropy + backward)
           for both estimators versus sequence length.
 
@@ -17,6 +19,7 @@ input and output sequences and their gradients; "beyond io" = peak - io.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -234,8 +237,11 @@ def run_analysis(args: argparse.Namespace) -> dict:
                 t1 = time.perf_counter()
                 per = compare(gradients(model, x, y, "rhel", args.length_eps), ref)
                 t2 = time.perf_counter()
-                res["length"]["rows"].append({"length": L, **summary(per), "bptt_s": t1 - t0, "rhel_s": t2 - t1,
-                                              "per_parameter": per})
+                row = {"length": L, **summary(per), "bptt_s": t1 - t0, "rhel_s": t2 - t1, "per_parameter": per}
+                if x.dtype != torch.float64:  # how well float32 BPTT itself is conditioned here
+                    ref64 = gradients(copy.deepcopy(model).double(), x.double(), y, "bptt", 1.0)
+                    row["bptt_vs_float64"] = summary(compare(ref, ref64))["max_rel_error"]
+                res["length"]["rows"].append(row)
         if "memory" not in args.skip:
             res["memory"] = [memory_run(args, kind, L) for L in args.memory_lengths]
         results["kinds"][kind] = res
@@ -264,10 +270,13 @@ def markdown(results: dict) -> str:
         if "length" in res:
             lines += ["", f"Gradient error against BPTT versus sequence length (eps {res['length']['eps']:g}, "
                           f"synthetic inputs):", "",
-                      "| length | max rel. error | median rel. error | min cosine | worst | BPTT s | RHEL s |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| length | max rel. error | median rel. error | min cosine | worst | BPTT s | RHEL s | "
+                      "BPTT vs float64 BPTT |", "|---|---|---|---|---|---|---|---|"]
             lines += [f"| {r['length']} | {r['max_rel_error']:.2e} | {r['median_rel_error']:.2e} | "
-                      f"{r['min_cosine']:.8f} | {r['worst']} | {r['bptt_s']:.2f} | {r['rhel_s']:.2f} |"
+                      f"{r['min_cosine']:.8f} | {r['worst']} | {r['bptt_s']:.2f} | {r['rhel_s']:.2f} | "
+                      f"{r['bptt_vs_float64']:.2e} |" if "bptt_vs_float64" in r else
+                      f"| {r['length']} | {r['max_rel_error']:.2e} | {r['median_rel_error']:.2e} | "
+                      f"{r['min_cosine']:.8f} | {r['worst']} | {r['bptt_s']:.2f} | {r['rhel_s']:.2f} | - |"
                       for r in res["length"]["rows"]]
         if "memory" in res:
             lines += ["", f"Training step ({s['memory_model']}, batch {s['batch']}), median of {s['repeats']} "
