@@ -66,8 +66,19 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> dict:
             node = node[p]
         if leaf not in node:
             raise ValueError(f"study: unknown config key {key!r} (known in this section: {sorted(node)})")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _parse_value(value)
     return cfg
+
+
+def _parse_value(text: str):
+    """A YAML value, with numbers such as 4e-3 (a string to YAML 1.1) read as floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def rule_settings(rule: str, r: dict) -> dict:
