@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .blocks import EnergyBlock, RelaxStats, State, _check_positive_int, _check_tol, relative_change
+from .precision import check_precision, low_dtype, relax_with_precision
 
 VARIANTS = ("centered", "positive", "negative")
 NORMALIZE = ("sample", "batch", "none")
@@ -67,11 +68,31 @@ class ContrastEstimator(Estimator):
         dl/dtheta = -sum_b w_b (dPhi_b/dtheta(first) - dPhi_b/dtheta(second)) / denom
         dl/du     = -w (s_1(first) - s_1(second)) / denom
     with per-sample weights w of shape (batch,) or ().
+
+    With a 16-bit `relax_dtype` on the block, `precision` says how the second phases run
+    (see eqprop.precision; 'deviation' keeps the differences float32-accurate) and
+    `refine` re-relaxes the 16-bit free state that many steps the same way first.
     """
+
+    precision: str = "deviation"
+    refine: int = 0
 
     def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
         self.validate()
+        if self.refine and self.precision != "block" and low_dtype(block, u) is not None:
+            # bring the 16-bit free state to the precision of the second phases first
+            s, block.stats["refine"] = relax_with_precision(block, u.detach(), s, self.refine, None,
+                                                            precision=self.precision)
+            block.free_state = s
         return _ContrastFunction.apply(u, block, self, s, *_block_params(block))
+
+    def reference(self, block: EnergyBlock, u: Tensor, s: State, T: int, tol: float | None) -> State:
+        """The unperturbed state a one-sided contrast uses: s* itself, or, when the second
+        phases run in another precision than the free phase, s* relaxed the same way."""
+        if low_dtype(block, u) is None or self.precision == "block":
+            return s
+        s, block.stats["reference"] = relax_with_precision(block, u, s, T, tol, precision=self.precision)
+        return s
 
     def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor
                  ) -> tuple[State, State, float, Tensor]:
@@ -115,6 +136,7 @@ class EP(ContrastEstimator):
     T2:        iterations of each nudged phase (the cap when tol is set)
     tol:       stop a nudged phase earlier at this relative change (None: run T2)
     normalize: how the error current is normalised before nudging ('sample', 'batch', 'none')
+    precision, refine: second phases of a block with a 16-bit relax_dtype (ContrastEstimator)
     """
 
     beta: float = 0.2
@@ -122,6 +144,8 @@ class EP(ContrastEstimator):
     T2: int = 20
     tol: float | None = None
     normalize: str = "sample"
+    precision: str = "deviation"
+    refine: int = 10
     name = "ep"
 
     def __post_init__(self):
@@ -136,6 +160,9 @@ class EP(ContrastEstimator):
             raise ValueError(f"EP: unknown normalize {self.normalize!r}, expected one of {NORMALIZE}")
         _check_positive_int("EP", "T2", self.T2)
         _check_tol("EP", self.tol)
+        check_precision("EP", self.precision)
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ValueError(f"EP: refine must be a non-negative integer, got {self.refine!r}")
 
     def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor):
         """Nudged equilibria for the error current `delta` = dl/ds_L, normalised to
@@ -143,11 +170,16 @@ class EP(ContrastEstimator):
         scale = error_scale(delta, self.normalize)
         c = _like(scale, delta)
         delta_hat = torch.where(c > 0, delta / c.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
-        first, second = s, s
+        if self.variant == "centered":
+            first = second = None
+        else:
+            first = second = self.reference(block, u, s, self.T2, self.tol)
         if self.variant in ("centered", "positive"):
-            first, block.stats["nudged+"] = block.relax(u, s, self.T2, self.tol, nudge=-self.beta * delta_hat)
+            first, block.stats["nudged+"] = relax_with_precision(block, u, s, self.T2, self.tol,
+                                                                 nudge=-self.beta * delta_hat, precision=self.precision)
         if self.variant in ("centered", "negative"):
-            second, block.stats["nudged-"] = block.relax(u, s, self.T2, self.tol, nudge=self.beta * delta_hat)
+            second, block.stats["nudged-"] = relax_with_precision(block, u, s, self.T2, self.tol,
+                                                                  nudge=self.beta * delta_hat, precision=self.precision)
         denom = 2 * self.beta if self.variant == "centered" else self.beta
         return first, second, denom, scale
 

@@ -66,18 +66,16 @@ import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import (DivergenceError, EnergyBlock, HopfieldBlock, RelaxStats, State, _check_positive_int,
-                     _check_tol, relative_change)
-from .couplings import ConvCoupling, DenseCoupling
-from .estimators import ESTIMATORS, ID, NORMALIZE, Estimator, _block_params, _like, error_scale
+from .blocks import EnergyBlock, State, _check_positive_int, _check_tol
+from .estimators import ESTIMATORS, ID, NORMALIZE, ContrastEstimator, Estimator, _like, error_scale
+from .precision import check_precision, low_dtype, relax_with_precision
 
-PRECISIONS = ("deviation", "full", "block")
 
 # ---------------------------------------------------------------------------------------
 # Targets
@@ -176,191 +174,10 @@ def loss_weights(delta: Tensor, out: Tensor, y: Tensor, rule: str, block: Energy
 
 
 # ---------------------------------------------------------------------------------------
-# Relaxation of the second phases
-# ---------------------------------------------------------------------------------------
-
-def _supports_deviation(block: EnergyBlock) -> bool:
-    return isinstance(block, HopfieldBlock) and all(type(c) in (DenseCoupling, ConvCoupling) for c in block.couplings)
-
-
-class _DeviationStepper:
-    """Fixed-point steps of a HopfieldBlock at s = ref + d, states in float32 (the input's
-    dtype), couplings applied to d in the low dtype and added to their values at ref."""
-
-    def __init__(self, block: HopfieldBlock, u: Tensor, ref: State, low: torch.dtype):
-        self.block, self.u, self.ref, self.low = block, u, ref, low
-        self.scaled = low == torch.float16  # keep small deviations out of float16's subnormal range
-        self.w, self.fwd_ref, self.adj_ref, self.unpool_ref = [], [], [], []
-        with torch.no_grad():
-            for l, c in enumerate(block.couplings):
-                if isinstance(c, DenseCoupling):
-                    self.w.append(c.linear.weight.to(low))
-                    self.fwd_ref.append(c.linear(ref[l].flatten(1)))
-                    self.adj_ref.append((ref[l + 1] @ c.linear.weight).view(ref[l].shape))
-                    self.unpool_ref.append(None)
-                else:
-                    conv = c.conv
-                    self.w.append(conv.weight.to(low))
-                    z = F.conv2d(ref[l], conv.weight, None, padding=conv.padding)
-                    if c.pool:
-                        _, idx = F.max_pool2d(z, 2, 2, return_indices=True)
-                        y = F.max_unpool2d(ref[l + 1], idx, 2, 2, output_size=z.shape[-2:])
-                        self.fwd_ref.append(z)
-                        self.unpool_ref.append(y)
-                    else:
-                        self.fwd_ref.append(z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1))
-                        self.unpool_ref.append(None)
-                        y = ref[l + 1]
-                    self.adj_ref.append(F.conv_transpose2d(y, conv.weight, None, padding=conv.padding))
-
-    def _low(self, d: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not self.scaled:
-            return d.to(self.low), None
-        k = d.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
-        return (d * k).to(self.low), k
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], d: Tensor) -> Tensor:
-        x, k = self._low(d)
-        out = fn(x).to(d.dtype)
-        return out if k is None else out / k
-
-    def _forward(self, s: State, l: int, cache: dict) -> tuple[Tensor, object]:
-        hit = cache.get(l)
-        if hit is not None and hit[0] is s[l]:
-            return hit[1]
-        c, w, ref = self.block.couplings[l], self.w[l], self.ref[l]
-        d = s[l] - ref
-        if isinstance(c, DenseCoupling):
-            out = (self.fwd_ref[l] + self._apply(lambda x: x.flatten(1) @ w.t(), d), None)
-        else:
-            z = self.fwd_ref[l] + self._apply(lambda x: F.conv2d(x, w, None, padding=c.conv.padding), d)
-            if c.pool:
-                p, idx = F.max_pool2d(z, 2, 2, return_indices=True)
-                if c.conv.bias is not None:
-                    p = p + c.conv.bias.view(1, -1, 1, 1)
-                out = (p, (idx, z.shape))
-            else:
-                out = (z, None)
-        cache[l] = (s[l], out)
-        return out
-
-    def _adjoint(self, s: State, l: int, cache: dict) -> Tensor:
-        c, w = self.block.couplings[l], self.w[l]
-        if isinstance(c, DenseCoupling):
-            d = s[l + 1] - self.ref[l + 1]
-            return self.adj_ref[l] + self._apply(lambda x: x @ w, d).view(s[l].shape)
-        if c.pool:
-            idx, z_shape = self._forward(s, l, cache)[1]
-            d = F.max_unpool2d(s[l + 1], idx, 2, 2, output_size=z_shape[-2:]) - self.unpool_ref[l]
-        else:
-            d = s[l + 1] - self.ref[l + 1]
-        return self.adj_ref[l] + self._apply(lambda x: F.conv_transpose2d(x, w, None, padding=c.conv.padding), d)
-
-    def preactivations(self, s: State, layers, nudge: Tensor | None, cache: dict) -> dict[int, Tensor]:
-        L = len(s)
-        out = {}
-        for l in layers:
-            z = self.u if l == 0 else self._forward(s, l - 1, cache)[0]
-            if l < L - 1:
-                z = z + self._adjoint(s, l, cache)
-            if nudge is not None and l == L - 1:
-                z = z + nudge
-            out[l] = z
-        return out
-
-
-def sweep(block: EnergyBlock, s: State, preactivations, nudge: Tensor | None, cache: dict, held: bool) -> State:
-    """One sweep of the fixed-point iteration, as `EnergyBlock.step` (sync, or async by
-    parity), with `preactivations(s, layers, nudge, cache)`; with `held` the last layer keeps
-    its value (it is never updated, so layers updated after it in a sweep see it)."""
-    L = len(s)
-    if block.update == "sync":
-        groups = [range(L)]
-    else:
-        odd, even = range(0, L, 2), range(1, L, 2)
-        groups = [odd, even] if block.first == "odd" else [even, odd]
-    s = list(s)
-    for group in groups:
-        layers = [l for l in group if not (held and l == L - 1)]
-        if not layers:
-            continue
-        pre = preactivations(s, layers, nudge, cache)
-        for l, z in pre.items():
-            s[l] = block.activations[l](z)
-    return s
-
-
-def relax_phase(block: EnergyBlock, u: Tensor, s0: State, T: int, tol: float | None, *,
-                force: Callable[[Tensor], Tensor] | None = None, clamp: Tensor | None = None,
-                precision: str = "block") -> tuple[State, RelaxStats]:
-    """Relax from s0 for at most T steps with an output force and/or a held output layer.
-
-    force(s_L) -> extra current on the last layer, re-evaluated at every step (EP's nudge);
-    clamp: the value at which the last layer is held (CL, CpL); it does not relax.
-    precision: 'deviation', 'full' or 'block' (see the module docstring).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"relax_phase: precision must be one of {PRECISIONS}, got {precision!r}")
-    _check_positive_int(block.block_name, "T", T)
-    _check_tol(block.block_name, tol)
-    out_dtype = u.dtype
-    low = block.relax_dtype if block.relax_dtype not in (None, u.dtype) else None
-    s = [x.detach() for x in s0]
-    if clamp is not None:
-        s[-1] = clamp
-    if low is not None and precision == "deviation" and _supports_deviation(block):
-        stepper = _DeviationStepper(block, u, [x.to(out_dtype) for x in s0], low)
-        return _loop(block, stepper.preactivations, s, T, tol, force, clamp is not None)
-    if low is not None and precision == "block":
-        with torch.autocast(u.device.type, dtype=low):
-            u_l = u.to(low)
-            s, stats = _loop(block, lambda st, layers, n, c: block.preactivations(st, u_l, layers, n, c),
-                             [x.to(low) for x in s], T, tol,
-                             None if force is None else (lambda sl: force(sl.to(out_dtype)).to(low)),
-                             clamp is not None)
-        return [x.to(out_dtype) for x in s], stats
-    return _loop(block, lambda st, layers, n, c: block.preactivations(st, u, layers, n, c), s, T, tol, force,
-                 clamp is not None)
-
-
-@torch.no_grad()
-def _loop(block: EnergyBlock, preactivations, s: State, T: int, tol: float | None, force, held: bool
-          ) -> tuple[State, RelaxStats]:
-    cache: dict = {}
-    every = block.check_every or (1 if s[0].device.type == "cpu" else 10)
-    converged = None if tol is None else False
-    t = 0
-    change = torch.zeros(())
-    while t < T:
-        new = sweep(block, s, preactivations, None if force is None else force(s[-1]), cache, held)
-        t += 1
-        if tol is not None and (t % every == 0 or t == T):
-            change = relative_change(new, s)
-            if change.item() < tol:
-                s, converged = new, True
-                break
-        elif t == T:
-            change = relative_change(new, s)
-        s = new
-    residual = float(change)
-    if not math.isfinite(residual):
-        bad = [i + 1 for i, x in enumerate(s) if not torch.isfinite(x).all()]
-        if bad:
-            raise DivergenceError(f"{block.block_name}: a second phase diverged (non-finite state in layer(s) {bad} "
-                                  f"after {t} iterations); lower beta/eta, the learning rate or the weight scale")
-    return s, RelaxStats(t, residual, converged)
-
-
-# ---------------------------------------------------------------------------------------
 # The two-state rules
 # ---------------------------------------------------------------------------------------
 
-def _check_precision(rule: str, precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"{rule}: precision must be one of {PRECISIONS}, got {precision!r}")
-
-
-class TwoStateRule(Estimator):
+class TwoStateRule(ContrastEstimator):
     """Base of the energy-based rules: `contrast` gives the two states, the denominator and
     the per-sample weights; the backward turns them into gradients for u and theta."""
 
@@ -369,13 +186,6 @@ class TwoStateRule(Estimator):
     tol: float | None
     precision: str
     refine: int
-
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        self.validate()
-        if self.refine and self.precision != "block" and block.relax_dtype not in (None, u.dtype):
-            s, block.stats["refine"] = relax_phase(block, u.detach(), s, self.refine, None, precision=self.precision)
-            block.free_state = s
-        return _TwoStateFunction.apply(u, block, self, s, *_block_params(block))
 
     def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor
                  ) -> tuple[State, State, float, Tensor]:
@@ -395,48 +205,16 @@ class TwoStateRule(Estimator):
         return y, loss_weights(delta, s[-1], y, self.name, block)
 
     def _relax(self, block, u, s, phase: str, **kw) -> State:
-        state, block.stats[phase] = relax_phase(block, u, s, self.T2, self.tol, precision=self.precision, **kw)
+        state, block.stats[phase] = relax_with_precision(block, u, s, self.T2, self.tol, precision=self.precision,
+                                                         **kw)
         return state
-
-    def _reference(self, block: EnergyBlock, u: Tensor, s: State) -> State:
-        """The unperturbed state to contrast with: s* itself, or (when the second phases run
-        in another precision than the free phase) s* relaxed under the same precision."""
-        low = block.relax_dtype not in (None, u.dtype)
-        if low and self.precision != "block":
-            return self._relax(block, u, s, "reference")
-        return s
 
     def _validate_common(self) -> None:
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise ValueError(f"{self.name}: refine must be a non-negative integer, got {self.refine!r}")
         _check_positive_int(self.name, "T2", self.T2)
         _check_tol(self.name, self.tol)
-        _check_precision(self.name, self.precision)
-
-
-class _TwoStateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, block, rule, s, *params):
-        ctx.block, ctx.rule = block, rule
-        ctx.save_for_backward(u, *s)
-        return s[-1].clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        u, *s = ctx.saved_tensors
-        block, rule = ctx.block, ctx.rule
-        first, second, denom, w = rule.contrast(block, u, s, grad_out)
-        grad_u = None
-        if ctx.needs_input_grad[0]:
-            grad_u = -(first[0] - second[0]) * (_like(w, u) / denom)
-        params = _block_params(block)
-        grads = [None] * len(params)
-        if params:
-            weights = (-w / denom).to(u.dtype).expand(u.shape[0])
-            with torch.enable_grad():
-                diff = block.phi(first, u) - block.phi(second, u)
-                grads = torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True)
-        return (grad_u, None, None, None, *grads)
+        check_precision(self.name, self.precision)
 
 
 @dataclass
@@ -463,7 +241,7 @@ class CL(TwoStateRule):
     def contrast(self, block, u, s, delta):
         y, w = self._target(block, s, delta)
         clamped = self._relax(block, u, s, "clamped", clamp=y)
-        return clamped, self._reference(block, u, s), 1.0, w
+        return clamped, self.reference(block, u, s, self.T2, self.tol), 1.0, w
 
 
 def _check_beta(rule: str, beta) -> None:
@@ -508,7 +286,7 @@ class _EPRule(TwoStateRule):
             def nudged(sign: int) -> State:
                 beta = sign * self.beta
                 return self._relax(block, u, s, "nudged+" if sign > 0 else "nudged-",
-                                   force=lambda sl: -beta * (sl - y))
+                                   nudge=lambda sl: -beta * (sl - y))
         else:
             w = error_scale(delta, self.normalize)
             c = _like(w, delta)
@@ -516,12 +294,12 @@ class _EPRule(TwoStateRule):
 
             def nudged(sign: int) -> State:
                 current = -sign * self.beta * delta_hat
-                return self._relax(block, u, s, "nudged+" if sign > 0 else "nudged-", force=lambda sl: current)
+                return self._relax(block, u, s, "nudged+" if sign > 0 else "nudged-", nudge=current)
         if self.signs == (1, -1):
             return nudged(1), nudged(-1), 2 * self.beta, w
         if self.signs == (1,):
-            return nudged(1), self._reference(block, u, s), self.beta, w
-        return self._reference(block, u, s), nudged(-1), self.beta, w
+            return nudged(1), self.reference(block, u, s, self.T2, self.tol), self.beta, w
+        return self.reference(block, u, s, self.T2, self.tol), nudged(-1), self.beta, w
 
 
 @dataclass
@@ -587,8 +365,8 @@ class _CpLRule(TwoStateRule):
         if self.signs == (1, -1):
             return held(1), held(-1), 2 * self.eta, w
         if self.signs == (1,):
-            return held(1), self._reference(block, u, s), self.eta, w
-        return self._reference(block, u, s), held(-1), self.eta, w
+            return held(1), self.reference(block, u, s, self.T2, self.tol), self.eta, w
+        return self.reference(block, u, s, self.T2, self.tol), held(-1), self.eta, w
 
 
 @dataclass
@@ -644,7 +422,7 @@ class TBP(Estimator):
             s, block.stats["tbp-head"] = block.relax(u.detach(), None, head, tol=None)
         else:
             s = block.init_state(u)
-        low = block.relax_dtype if block.relax_dtype not in (None, u.dtype) else None
+        low = low_dtype(block, u)
         steps = min(self.K, iters)
         if low is None:
             for _ in range(steps):
@@ -669,4 +447,4 @@ RULES: dict[str, type[Estimator]] = {"cl": CL, "pep": PEP, "nep": NEP, "cep": CE
 ESTIMATORS.update(RULES)
 
 __all__ = ["CL", "PEP", "NEP", "CEP", "PCpL", "NCpL", "CCpL", "TBP", "RBP", "RULES", "TwoStateRule", "targets",
-           "set_target", "clear_target", "get_target", "output_block", "relax_phase", "loss_weights"]
+           "set_target", "clear_target", "get_target", "output_block", "loss_weights"]
