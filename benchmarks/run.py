@@ -157,8 +157,10 @@ def part_peak(device, repeats: int) -> dict:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-        t = min(timed(lambda: a @ b, device) for _ in range(repeats + 2))
-        out[f"matmul_{str(dtype)[6:]}"] = {"size": n, "seconds": t, "gflops": 2 * n ** 3 / t / 1e9}
+        ts = [timed2(lambda: a @ b, device) for _ in range(repeats + 2)]
+        t, c = min(w for w, _ in ts), min(c for _, c in ts)
+        out[f"matmul_{str(dtype)[6:]}"] = {"size": n, "seconds": t, "gflops": 2 * n ** 3 / t / 1e9,
+                                          "gflop_per_cpu_s": 2 * n ** 3 / c / 1e9}
         nb = 64 if cpu else 256
         x = torch.randn(nb, 128, 16, 16, device=device, dtype=dtype)
         w = torch.randn(256, 128, 3, 3, device=device, dtype=dtype)
@@ -166,9 +168,11 @@ def part_peak(device, repeats: int) -> dict:
             xx, ww = (x, w) if layout == "nchw" else (x.to(memory_format=torch.channels_last),
                                                       w.to(memory_format=torch.channels_last))
             F.conv2d(xx, ww, padding=1)
-            t = min(timed(lambda: F.conv2d(xx, ww, padding=1), device) for _ in range(repeats + 2))
+            ts = [timed2(lambda: F.conv2d(xx, ww, padding=1), device) for _ in range(repeats + 2)]
+            t, c = min(w for w, _ in ts), min(c for _, c in ts)
             flops = 2 * nb * 128 * 256 * 9 * 16 * 16
-            out[f"conv_{str(dtype)[6:]}_{layout}"] = {"batch": nb, "seconds": t, "gflops": flops / t / 1e9}
+            out[f"conv_{str(dtype)[6:]}_{layout}"] = {"batch": nb, "seconds": t, "gflops": flops / t / 1e9,
+                                                      "gflop_per_cpu_s": flops / c / 1e9}
     return out
 
 
@@ -182,9 +186,11 @@ def part_step(models, batches, div, device, repeats: int) -> list[dict]:
             times = {e: [] for e in ESTIMATORS}
             cpu = {e: [] for e in ESTIMATORS}
             info = {}
-            for e in ESTIMATORS:  # warm-up (allocations, kernel selection)
-                set_estimator(model, e, MODELS[name]["T2"])
+            model.configure_blocks(T1=1)
+            for e in ESTIMATORS:  # a cheap warm-up at T1 = T2 = 1: allocations, Adam state, kernels
+                set_estimator(model, e, 1)
                 train_step(model, opt, x, y)
+            model.configure_blocks(T1=MODELS[name]["T1"])
             for _ in range(repeats):  # interleaved, so load changes hit all three alike
                 for e in ESTIMATORS:
                     set_estimator(model, e, MODELS[name]["T2"])
@@ -300,7 +306,18 @@ def _autocast(block: EnergyBlock, u):
     return torch.autocast(u.device.type, dtype=block.relax_dtype)
 
 
+def _configure(model: FFEBM, us: list[torch.Tensor], v: dict) -> list[torch.Tensor]:
+    """Put the model in variant v (layout, update, relaxation dtype); returns the inputs."""
+    fmt = torch.channels_last if v["layout"] == "channels_last" else torch.contiguous_format
+    model.to(memory_format=fmt)
+    for b in model.blocks:
+        b.update = v["update"]
+        b.relax_dtype = torch.bfloat16 if v["dtype"] == "bfloat16" else None
+    return [u.contiguous(memory_format=fmt) for u in us]
+
+
 def part_relax(models, batches, div, device, repeats: int, compile_: bool, sweeps: int | None) -> list[dict]:
+    """Free-phase throughput per variant; the variants are timed in turn within each repeat."""
     rows = []
     for name in models:
         T = sweeps or MODELS[name]["T1"]
@@ -309,38 +326,48 @@ def part_relax(models, batches, div, device, repeats: int, compile_: bool, sweep
             model = build(name, div, device)
             us = block_inputs(model, x)
             flops = sum(coupling_flops(b, u) for b, u in zip(model.blocks, us)) * T
-            for v in relax_variants(device, compile_):
-                m = model.to(memory_format=torch.channels_last) if v["layout"] == "channels_last" \
-                    else model.to(memory_format=torch.contiguous_format)
-                uu = [u.contiguous(memory_format=torch.channels_last if v["layout"] == "channels_last"
-                                   else torch.contiguous_format) for u in us]
-                for b in m.blocks:
-                    b.update = v["update"]
-                    b.relax_dtype = torch.bfloat16 if v["dtype"] == "bfloat16" else None
-                try:
-                    if v["mode"] == "compile":
-                        for b in m.blocks:
-                            b.step = torch.compile(b.step, dynamic=False)
-                    if v["mode"] == "cuda_graph":
-                        replays = [_graph_relax(b, u, T) for b, u in zip(m.blocks, uu)]
-                        fn = lambda: [r() for r in replays]  # noqa: E731
-                    else:
-                        fn = lambda: [b.relax(u, T=T, tol=None) for b, u in zip(m.blocks, uu)]  # noqa: E731
-                    t_first = timed(fn, device)  # warm-up (compilation for 'compile')
-                    ts = [timed2(fn, device) for _ in range(repeats)]
-                finally:
-                    for b in m.blocks:
-                        if v["mode"] == "compile":
-                            del b.step  # back to the class method
-                        b.relax_dtype = None
-                        b.update = "async"
-                t = min(w for w, _ in ts)
-                rows.append({"model": name, "batch": n, **v, "sweeps": T, "seconds": t, "first_call_s": t_first,
-                             "cpu_s": min(c for _, c in ts),
-                             "sweeps_per_s": T / t, "gflops": flops / t / 1e9, "flop_per_relax": flops})
-                print(f"relax {name} b={n} {v}: {T / t:.1f} sweeps/s, {flops / t / 1e9:.1f} GFLOP/s", flush=True)
-            model.to(memory_format=torch.contiguous_format)
+            variants = relax_variants(device, compile_)
+            fns, firsts = [], []
+            for v in variants:  # prepare (compile, capture) and warm up every variant once
+                uu = _configure(model, us, v)
+                if v["mode"] == "compile":
+                    steps = [torch.compile(b.step, dynamic=False) for b in model.blocks]
+                else:
+                    steps = [None] * len(model.blocks)
+                if v["mode"] == "cuda_graph":
+                    replays = [_graph_relax(b, u, T) for b, u in zip(model.blocks, uu)]
+                    fn = (lambda r=replays: [f() for f in r])
+                else:
+                    fn = (lambda uu=uu: [b.relax(u, T=T, tol=None) for b, u in zip(model.blocks, uu)])
+                fns.append((v, steps, fn))
+                firsts.append(timed(lambda: _with_steps(model, steps, fn), device))
+            times = [[] for _ in variants]
+            for _ in range(repeats):
+                for i, (v, steps, fn) in enumerate(fns):
+                    _configure(model, us, v)
+                    times[i].append(timed2(lambda: _with_steps(model, steps, fn), device))
+            _configure(model, us, {"layout": "nchw", "update": "async", "dtype": "float32"})
+            for (v, _, _), ts, t_first in zip(fns, times, firsts):
+                t, c = min(w for w, _ in ts), min(c for _, c in ts)
+                rows.append({"model": name, "batch": n, **v, "sweeps": T, "seconds": t, "cpu_s": c,
+                             "first_call_s": t_first, "sweeps_per_s": T / t, "gflops": flops / t / 1e9,
+                             "gflop_per_cpu_s": flops / c / 1e9, "flop_per_relax": flops})
+                print(f"relax {name} b={n} {v}: {T / t:.1f} sweeps/s, {flops / t / 1e9:.1f} GFLOP/s wall, "
+                      f"{flops / c / 1e9:.1f} GFLOP per CPU-s", flush=True)
     return rows
+
+
+def _with_steps(model: FFEBM, steps: list, fn):
+    """Run fn with each block's `step` replaced by the given callable (None: the method)."""
+    try:
+        for b, st in zip(model.blocks, steps):
+            if st is not None:
+                b.step = st
+        return fn()
+    finally:
+        for b, st in zip(model.blocks, steps):
+            if st is not None:
+                del b.step
 
 
 def part_data(models, batches, div, device, repeats: int) -> list[dict]:
@@ -386,10 +413,13 @@ def markdown(res: dict) -> str:
              f"{m['date']}; torch {m['torch']}; {m['threads']} threads; width divisor {m['width_div']}; "
              f"load average {m['load_before']} before, {m['load_after']} after; `{m['command']}`", ""]
     if res.get("peak"):
-        lines += ["## Achievable dense FLOP/s (reference peak)", "", "| kernel | GFLOP/s |", "|---|---|"]
-        lines += [f"| {k} | {v['gflops']:.1f} |" for k, v in res["peak"].items()]
-        lines += ["", f"Reference peak: {res['peak_ref_gflops']['float32']:.1f} GFLOP/s (float32), "
-                      f"{res['peak_ref_gflops']['bfloat16']:.1f} GFLOP/s (bfloat16), the best kernel measured above.", ""]
+        lines += ["## Achievable dense FLOP/s (reference peak)", "", "| kernel | GFLOP/s (wall) | GFLOP per CPU-s |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v['gflops']:.1f} | {v['gflop_per_cpu_s']:.1f} |" for k, v in res["peak"].items()]
+        ref, refc = res["peak_ref_gflops"], res["peak_ref_gflop_per_cpu_s"]
+        lines += ["", f"Reference peak, the best kernel above: {ref['float32']:.1f} GFLOP/s float32, "
+                      f"{ref['bfloat16']:.1f} GFLOP/s bfloat16 (per CPU-second: {refc['float32']:.1f} and "
+                      f"{refc['bfloat16']:.1f}).", ""]
     if res.get("step"):
         lines += ["## Training step (free phase + gradient + Adam step)", "",
                   "| model | batch | estimator | T1 | T2 | wall min (s) | wall median (s) | CPU min (s) | "
@@ -410,13 +440,15 @@ def markdown(res: dict) -> str:
         lines += ["", f"Method: {res['memory'][0]['method']}.", ""]
     if res.get("relax"):
         lines += ["## Relaxation throughput (free phase of every block, a fixed number of sweeps)", "",
-                  "| model | batch | update | dtype | layout | mode | sweeps/s | GFLOP/s | % of peak |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | batch | update | dtype | layout | mode | sweeps/s | GFLOP/s | % of peak | "
+                  "GFLOP per CPU-s | % of peak per CPU-s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["relax"]:
             peak = res.get("peak_ref_gflops", {}).get(r["dtype"])
+            peakc = res.get("peak_ref_gflop_per_cpu_s", {}).get(r["dtype"])
             pct = f"{100 * r['gflops'] / peak:.1f}" if peak else "n/a"
+            pctc = f"{100 * r['gflop_per_cpu_s'] / peakc:.1f}" if peakc else "n/a"
             lines.append(f"| {r['model']} | {r['batch']} | {r['update']} | {r['dtype']} | {r['layout']} | {r['mode']} | "
-                         f"{r['sweeps_per_s']:.2f} | {r['gflops']:.1f} | {pct} |")
+                         f"{r['sweeps_per_s']:.2f} | {r['gflops']:.1f} | {pct} | {r['gflop_per_cpu_s']:.1f} | {pctc} |")
         lines.append("")
     if res.get("data"):
         lines += ["## Data pipeline share of a step (DeviceLoader, augmentation on)", "",
@@ -438,7 +470,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory-T2", default="5,20,40", help="T2 values of the memory part")
     p.add_argument("--memory-models", default="L6", help="models of the memory part")
     p.add_argument("--compile", action="store_true", help="add torch.compile variants to the relax part")
-    p.add_argument("--relax-sweeps", type=int, default=20,
+    p.add_argument("--relax-sweeps", type=int, default=10,
                    help="sweeps per timed relaxation in the relax part (0: the model's T1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
@@ -477,6 +509,8 @@ def main(argv=None) -> int:
         res["peak"] = part_peak(device, repeats)
         res["peak_ref_gflops"] = {d: max(v["gflops"] for k, v in res["peak"].items() if d in k)
                                   for d in ("float32", "bfloat16")}
+        res["peak_ref_gflop_per_cpu_s"] = {d: max(v["gflop_per_cpu_s"] for k, v in res["peak"].items() if d in k)
+                                           for d in ("float32", "bfloat16")}
     if "step" in parts:
         res["step"] = part_step(models, batches, div, device, repeats)
     if "memory" in parts:
