@@ -100,3 +100,21 @@ def test_command_errors(tmp_path, capsys):
     assert "MNIST" in err and str(tmp_path / "mnist") in err
     assert main(["train", "fmnist_cpu", "--resume", "--out-dir", str(tmp_path / "none")]) == 1
     assert f"{tmp_path / 'none' / 'checkpoint.pt'} does not exist" in capsys.readouterr().err
+
+
+def test_hssm_kind_dispatches_to_build_hssm(tmp_path):
+    from eqprop.data import Dataset
+    from eqprop.hamiltonian import HSSM
+    from eqprop.training.config import ConfigError
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (48,), generator=g)
+    x = torch.randn(48, 6, 2, generator=g) + y[:, None, None].float()
+    seq = Dataset(x=x, y=y, num_classes=3, mean=(0.0, 0.0), std=(1.0, 1.0), name="toy", kind="sequence")
+    cfg = tiny_config(tmp_path, "model={kind: hssm, hidden: 8, state_size: 4, n_blocks: 1}", "algorithm=rhel",
+                      "estimator.rhel.eps=0.01", "epochs=1")
+    trainer = Trainer(cfg, seq, seq, **QUIET)
+    assert isinstance(trainer.model, HSSM) and trainer.model.in_features == 2
+    assert trainer.fit()["status"] == "completed"
+    with pytest.raises(ConfigError, match="model.kind=conv needs images"):
+        Trainer(tiny_config(tmp_path), seq, seq, **QUIET)
