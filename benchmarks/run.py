@@ -10,6 +10,10 @@ Parts (select with --parts):
            async, float32 vs bfloat16, NCHW vs channels_last (+ torch.compile with
            --compile, + CUDA graphs on a GPU)
   data     the data pipeline's share of a training step (eqprop.data.DeviceLoader)
+  proposals (not in the default set) changes proposed for the core library, each timed
+           against the current code on the first model: BPTT's unrolled steps with the
+           stepper's cache, a hard sigmoid without the multiply at slope 1, un-pooling by one
+           scatter, EP's two nudged phases as one stacked batch
 
 Models (SPEC §6): L6 = the 2-block split of the L = 6 DHN (T1 = 60, T2 = 20, slope 1,
 GOE V = 8.351e-5); L12 = the 6-block L = 12 scaling chain (T1 = 15, T2 = 5, slope 0.5,
@@ -405,6 +409,130 @@ def part_data(models, batches, div, device, repeats: int) -> list[dict]:
     return rows
 
 
+# --- proposed core changes, measured against the current code -----------------------------
+
+def _bptt_attach_cached(self, block, u, s):
+    """BPTT.attach with the stepper's memoisation cache passed to every step."""
+    self.validate()
+    if not torch.is_grad_enabled():
+        return s[-1]
+    s = [x.detach() for x in s]
+    cache: dict = {}
+    for _ in range(self.T2):
+        s = block.step(s, u, None, cache)
+    return s[-1]
+
+
+def _hardsigmoid_skip_unit_slope(self, z):
+    """HardSigmoid without the multiplication when the slope is 1."""
+    return z.clamp(0.0, 1.0) if self.slope == 1.0 else (z * self.slope).clamp_(0.0, 1.0)
+
+
+def _adjoint_scatter_unpool(self, y, aux, x_shape):
+    """ConvCoupling.adjoint with the un-pooling done by one scatter into zeros."""
+    if self.pool:
+        idx, z_shape = aux
+        n, c, h, w = z_shape
+        y = y.new_zeros((n, c, h * w)).scatter_(2, idx.flatten(2), y.flatten(2)).view(z_shape)
+    return F.conv_transpose2d(y, self.conv.weight, None, padding=self.conv.padding)
+
+
+class _Switch:
+    """A flag the proposals part patches like any attribute."""
+
+    on = False
+
+
+def part_proposals(name: str, n: int, div: int, device, repeats: int) -> list[dict]:
+    """Each proposed change against the current code, timed in turn (wall and CPU), with the
+    largest difference of the results (0 means identical)."""
+    from eqprop import activations, couplings, estimators
+
+    rows = []
+    x, y = batch(n, device)
+    model = build(name, div, device)
+    us = block_inputs(model, x)
+
+    def compare(label: str, cases: list[tuple[str, dict]], fn, outputs):
+        """cases: (name, {(owner, attr): replacement}); fn() runs one case."""
+        times = {c: [] for c, _ in cases}
+        results = {}
+        for r in range(repeats + 1):
+            for case, patches in cases:
+                saved = {k: getattr(*k) for k in patches}
+                try:
+                    for (owner, attr), new in patches.items():
+                        setattr(owner, attr, new)
+                    if r == 0:  # warm-up, and the result to compare
+                        results[case] = outputs(fn())
+                    else:
+                        times[case].append(timed2(fn, device))
+                finally:
+                    for (owner, attr), old in saved.items():
+                        setattr(owner, attr, old)
+        base = cases[0][0]
+        for case, _ in cases:
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results[base], results[case]))
+            w, c = min(t[0] for t in times[case]), min(t[1] for t in times[case])
+            rows.append({"model": name, "batch": n, "what": label, "case": case, "wall_s": w, "cpu_s": c,
+                         "max_abs_diff_vs_current": diff})
+            print(f"proposals {label} / {case}: {w:.3f}s wall, {c:.3f}s CPU, max diff {diff:.2e}", flush=True)
+
+    # 1. BPTT's unrolled steps without / with the memoisation cache (one training step).
+    set_estimator(model, "bptt", MODELS[name]["T2"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def grads():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return [p.grad.detach().clone() for p in model.parameters()]
+    compare("bptt step", [("current", {}),
+                          ("stepper cache", {(estimators.BPTT, "attach"): _bptt_attach_cached})],
+            grads, lambda g: g)
+    # 2. The free phase (10 sweeps, async) with cheaper activation and un-pooling.
+    for dtype in (None, torch.bfloat16):
+        for b in model.blocks:
+            b.relax_dtype = dtype
+
+        def relax():
+            return [t for b, u in zip(model.blocks, us) for t in b.relax(u, T=10, tol=None)[0]]
+        compare(f"relax {'bfloat16' if dtype else 'float32'}", [
+            ("current", {}),
+            ("slope-1 skip", {(activations.HardSigmoid, "__call__"): _hardsigmoid_skip_unit_slope}),
+            ("scatter unpool", {(couplings.ConvCoupling, "adjoint"): _adjoint_scatter_unpool}),
+            ("both", {(activations.HardSigmoid, "__call__"): _hardsigmoid_skip_unit_slope,
+                      (couplings.ConvCoupling, "adjoint"): _adjoint_scatter_unpool})], relax, lambda o: o)
+    for b in model.blocks:
+        b.relax_dtype = None
+    # 3. EP's two nudged phases: two relaxations of the batch, or one of the batch stacked twice.
+    from eqprop.estimators import _like, error_scale
+    frees = [b.relax(u, T=MODELS[name]["T1"], tol=None)[0] for b, u in zip(model.blocks, us)]
+    g = torch.Generator().manual_seed(1)
+    deltas = []
+    for s in frees:
+        d = torch.randn(s[-1].shape, generator=g).to(device)
+        deltas.append(d / _like(error_scale(d, "sample"), d))
+    T2 = MODELS[name]["T2"]
+    beta = BETA
+    stacked = _Switch()
+
+    def nudged():
+        out = []
+        for b, u, s, d in zip(model.blocks, us, frees, deltas):
+            if stacked.on:
+                st, _ = b.relax(torch.cat([u, u]), [torch.cat([t, t]) for t in s], T=T2, tol=None,
+                                nudge=torch.cat([-beta * d, beta * d]))
+                out += [t for t in st]
+            else:
+                p, _ = b.relax(u, s, T=T2, tol=None, nudge=-beta * d)
+                q, _ = b.relax(u, s, T=T2, tol=None, nudge=beta * d)
+                out += [torch.cat([a, c]) for a, c in zip(p, q)]
+        return out
+    compare("ep nudged phases", [("current (two relaxations)", {}),
+                                 ("stacked batch", {(stacked, "on"): True})], nudged, lambda o: o)
+    return rows
+
+
 # --- report --------------------------------------------------------------------------------
 
 def markdown(res: dict) -> str:
@@ -449,6 +577,15 @@ def markdown(res: dict) -> str:
             pctc = f"{100 * r['gflop_per_cpu_s'] / peakc:.1f}" if peakc else "n/a"
             lines.append(f"| {r['model']} | {r['batch']} | {r['update']} | {r['dtype']} | {r['layout']} | {r['mode']} | "
                          f"{r['sweeps_per_s']:.2f} | {r['gflops']:.1f} | {pct} | {r['gflop_per_cpu_s']:.1f} | {pctc} |")
+        lines.append("")
+    if res.get("proposals"):
+        lines += ["## Proposed core changes against the current code", "",
+                  "| model | batch | what | case | wall (s) | CPU (s) | CPU vs current | max abs. difference |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["proposals"]:
+            cur = next(q for q in res["proposals"] if q["what"] == r["what"])
+            lines.append(f"| {r['model']} | {r['batch']} | {r['what']} | {r['case']} | {r['wall_s']:.3f} | "
+                         f"{r['cpu_s']:.3f} | {r['cpu_s'] / cur['cpu_s']:.2f} | {r['max_abs_diff_vs_current']:.1e} |")
         lines.append("")
     if res.get("data"):
         lines += ["## Data pipeline share of a step (DeviceLoader, augmentation on)", "",
@@ -495,7 +632,7 @@ def main(argv=None) -> int:
         if m not in MODELS:
             raise SystemExit(f"benchmarks: unknown model {m!r}, expected one of {sorted(MODELS)}")
     parts = args.parts.split(",")
-    unknown = set(parts) - {"peak", "step", "memory", "relax", "data"}
+    unknown = set(parts) - {"peak", "step", "memory", "relax", "data", "proposals"}
     if unknown:
         raise SystemExit(f"benchmarks: unknown part(s) {sorted(unknown)}")
     name = torch.cuda.get_device_name() if cuda else (_cpu_name() or platform.processor() or "cpu")
@@ -520,6 +657,8 @@ def main(argv=None) -> int:
         res["relax"] = part_relax(models, batches, div, device, repeats, args.compile, args.relax_sweeps)
     if "data" in parts:
         res["data"] = part_data(models[:1], batches, div, device, repeats)
+    if "proposals" in parts:
+        res["proposals"] = part_proposals(models[0], batches[0], div, device, max(repeats, 2))
     meta["load_after"] = _load()
     meta["wall_s"] = time.time() - t0
     tag = args.tag or ("cpu" if not cuda else name.replace(" ", "_"))
