@@ -269,8 +269,9 @@ class BPTT(Estimator):
         if not torch.is_grad_enabled():
             return s[-1]
         s = [x.detach() for x in s]
+        cache: dict = {}  # reuse each pooled convolution between the two half-sweeps
         for _ in range(self.T2):
-            s = block.step(s, u)
+            s = block.step(s, u, None, cache)
         return s[-1]
 
 
