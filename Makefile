@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all fmnist bench clean
+.PHONY: install demo lint test test-all fmnist bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build that pip finds locally; the package then adds nothing heavy.
 	$(PIP) install -q torch==2.13.0
+	# the core needs only torch, numpy and pyyaml; dev adds every extra the tests use, pytest, hypothesis and ruff
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -25,10 +26,15 @@ fmnist:
 demo: install fmnist
 	$(VENV)/bin/eqprop train fmnist_cpu epochs=1 out_dir=runs/demo
 
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
 test: install fmnist
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -m "not slow" -x
 
 test-all: install fmnist
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
 
 bench: install
