@@ -41,7 +41,8 @@ def test_plus_adds_a_key_and_open_sections_take_new_ones():
 
 
 def test_unknown_config_lists_available():
-    with pytest.raises(ConfigError, match=r"unknown config 'fmnist_gpu'.*fmnist_cpu.*available configs:.*cifar100_scale"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config 'fmnist_gpu'.*fmnist_cpu.*available configs:.*cifar100_scale"):
         load_config("fmnist_gpu")
 
 

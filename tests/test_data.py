@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from eqprop.data import (Dataset, DatasetError, DatasetNotFound, DeviceLoader, crop_flip, load_dataset, read_ts,
-                         resolve_data_dir)
+from eqprop.data import (
+    Dataset,
+    DatasetError,
+    DatasetNotFound,
+    DeviceLoader,
+    crop_flip,
+    load_dataset,
+    read_ts,
+    resolve_data_dir,
+    sequences,
+)
 from eqprop.data import cli as data_cli
 from eqprop.data import datasets as data_datasets
-from eqprop.data import sequences
 
 rng = np.random.default_rng(0)
 
@@ -24,7 +32,7 @@ rng = np.random.default_rng(0)
 def _no_system_fashion(monkeypatch, tmp_path):
     """Tests see only the files they write (Debian's Fashion-MNIST is tested separately)."""
     monkeypatch.setattr(data_datasets, "FASHION_SYSTEM_DIR", tmp_path / "no-system-fashion")
-    data_datasets._STATS_CACHE.clear()
+    data_datasets.clear_stats_cache()
 
 
 # ------------------------------------------------------------------ writers in the real formats
@@ -99,7 +107,7 @@ def test_fashion_data_dir_then_system_dir(tmp_path, monkeypatch):
     ds = load_dataset("fashion_mnist", "train", tmp_path / "root")
     assert ds.source == str(system) and torch.equal(ds.x[:, 0], torch.from_numpy(sys_files["train"][0]))
     own = write_mnist_like(tmp_path / "root" / "fashion_mnist", n_train=7)
-    data_datasets._STATS_CACHE.clear()
+    data_datasets.clear_stats_cache()
     ds = load_dataset("fashion_mnist", "train", tmp_path / "root")
     assert ds.source == str(tmp_path / "root" / "fashion_mnist") and len(ds) == 7
     assert torch.equal(ds.x[:, 0], torch.from_numpy(own["train"][0]))
@@ -148,7 +156,8 @@ def test_cifar10_roundtrip_and_layout(tmp_path):
     assert ds.x.shape == (20, 3, 32, 32) and ds.x.dtype == torch.uint8
     assert ds.y.tolist() == sum((b[1] for b in batches[:5]), [])
     # channel-major rows: R plane, G plane, B plane, each row-major 32x32
-    assert ds.x[3, 0, 0, 1] == data[3, 1] and ds.x[3, 1, 0, 0] == data[3, 1024] and ds.x[3, 2, 1, 0] == data[3, 2048 + 32]
+    assert ds.x[3, 0, 0, 1] == data[3, 1] and ds.x[3, 1, 0, 0] == data[3, 1024]
+    assert ds.x[3, 2, 1, 0] == data[3, 2048 + 32]
     np.testing.assert_allclose(ds.mean, image_stats(data.reshape(-1, 3, 32, 32))[0], rtol=1e-12)
     test = load_dataset("cifar10", "test", tmp_path)
     assert test.y.tolist() == batches[5][1] and test.mean == ds.mean and test.std == ds.std
@@ -195,7 +204,8 @@ def test_imagenet32_pickle_and_npz(tmp_path):
         y = list(rng.integers(1, 1001, 2))
         labels += y
         if i % 2:
-            write_pickle(d / f"train_data_batch_{i}", {"data": rows(2), "labels": y, "mean": np.zeros(3072)}, protocol=4)
+            write_pickle(d / f"train_data_batch_{i}", {"data": rows(2), "labels": y, "mean": np.zeros(3072)},
+                         protocol=4)
         else:
             np.savez(d / f"train_data_batch_{i}.npz", data=rows(2), labels=np.asarray(y), mean=np.zeros(3072))
     write_pickle(d / "val_data", {"data": rows(3), "labels": [1, 1000, 7]})
@@ -237,7 +247,7 @@ def test_svhn_mat(tmp_path):
 
 def ts_text(cases, labels=("a", "b"), equal=True, extra_header="", univariate=False):
     dims = len(cases[0][0])
-    head = [f"# comment", "@problemName Toy", "@timeStamps false", "@missing false",
+    head = ["# comment", "@problemName Toy", "@timeStamps false", "@missing false",
             f"@univariate {'true' if univariate else 'false'}", f"@dimensions {dims}",
             f"@equalLength {'true' if equal else 'false'}"]
     if equal:

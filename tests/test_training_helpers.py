@@ -10,6 +10,8 @@ import torch
 from eqprop.data import Dataset
 from eqprop.training.config import load_config
 
+__all__ = ["synthetic_images", "tiny_config", "write_fashion_mnist", "write_idx"]
+
 
 def synthetic_images(n: int, side: int = 8, classes: int = 4, seed: int = 0, split: str = "train") -> Dataset:
     """Class k lights up the k-th horizontal band of a noisy image: easy to learn, cheap to run."""

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+__all__ = ["COMMANDS", "build_parser", "main"]
+
 # command -> (module, one-line help)
 COMMANDS = {
     "gradcheck": ("eqprop.gradcheck", "compare ep / id / bptt gradients with finite differences"),

@@ -19,6 +19,8 @@ from pathlib import Path
 from .datasets import NAMES, load_dataset, resolve_data_dir
 from .formats import DatasetError
 
+__all__ = ["MANUAL", "SOURCES", "add_arguments", "download", "fetch", "file_digest", "run", "verify_checksum"]
+
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _CIFAR = "https://www.cs.toronto.edu/~kriz/"
@@ -49,7 +51,8 @@ SOURCES["seq_fashion_mnist_row"] = SOURCES["seq_fashion_mnist_pixel"] = SOURCES[
 
 MANUAL = {
     "imagenet32": "ImageNet32 needs an account on the ImageNet site (download 'Imagenet32_train' and "
-                  "'Imagenet32_val', pickle version); unpack train_data_batch_1..10 and val_data into {root}/imagenet32/",
+                  "'Imagenet32_val', pickle version); unpack train_data_batch_1..10 and val_data "
+                  "into {root}/imagenet32/",
     "uea": "UEA sets: install the optional extra eqprop[uea] (sktime ships JapaneseVowels and BasicMotions), "
            "or put <Name>_TRAIN.ts and <Name>_TEST.ts from the UEA archive into {root}/uea/<Name>/",
 }
@@ -83,7 +86,8 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
                 f.write(block)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
-        raise DatasetError(f"could not download {url} ({e}); offline? Download it by hand and put it at {dest}") from None
+        raise DatasetError(f"could not download {url} ({e}); offline? "
+                           f"Download it by hand and put it at {dest}") from None
     try:
         verify_checksum(part, md5)
     except DatasetError:
@@ -121,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", default=None, help="data directory (default: $EQPROP_DATA, then ~/.cache/eqprop)")
         if action == "info":
             p.add_argument("--split", default="train", choices=("train", "test"))
-            p.add_argument("--permute-seed", type=int, default=None, help="sequential Fashion-MNIST: permute time steps")
+            p.add_argument("--permute-seed", type=int, default=None,
+                           help="sequential Fashion-MNIST: permute time steps")
 
 
 def run(args: argparse.Namespace) -> int:

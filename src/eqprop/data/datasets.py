@@ -17,7 +17,7 @@ train split once; the result is cached per process, keyed by (name, root, option
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,9 @@ import torch
 
 from . import formats, sequences
 from .formats import DatasetError, DatasetNotFound, missing
+
+__all__ = ["FASHION_SYSTEM_DIR", "IMAGE_SETS", "NAMES", "SEQUENCE_SETS", "Dataset", "DatasetError", "DatasetNotFound",
+           "clear_stats_cache", "load_dataset", "resolve_data_dir"]
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -63,6 +66,11 @@ class Dataset:
 _STATS_CACHE: dict[tuple, tuple] = {}  # key -> (mean, std, train class names)
 _OPTIONS = {"seq_fashion_mnist_row": {"permute_seed"}, "seq_fashion_mnist_pixel": {"permute_seed"}}
 _UEA_OPTIONS = {"pad", "missing"}
+
+
+def clear_stats_cache() -> None:
+    """Forget the train-split statistics cached by :func:`load_dataset` (after the files changed)."""
+    _STATS_CACHE.clear()
 
 
 def _hint(name: str) -> str:
@@ -152,7 +160,8 @@ def _load(name: str, split: str, root: Path, options: dict) -> dict:
         x, y, src = _read_images("fashion_mnist", split, root)
         x = sequences.image_to_sequence(x, mode, options.get("permute_seed"))
         return dict(x=x, y=y, num_classes=10, kind="sequence", source=src, lengths=None, class_names=None)
-    x, y, lengths, names, src = _read_uea(name, split, root, options.get("pad", "edge"), options.get("missing", "error"))
+    pad, missing_values = options.get("pad", "edge"), options.get("missing", "error")
+    x, y, lengths, names, src = _read_uea(name, split, root, pad, missing_values)
     if names is None:
         y = y.astype(np.float32).reshape(-1, 1)
     return dict(x=x, y=y, num_classes=len(names or ()), kind="sequence", source=src, lengths=lengths, class_names=names)
@@ -177,7 +186,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     allowed = _UEA_OPTIONS if uea else _OPTIONS.get(name, set())
     unknown = set(options) - allowed
     if unknown:
-        raise ValueError(f"dataset {name!r} does not take options {sorted(unknown)} (allowed: {sorted(allowed) or 'none'})")
+        raise ValueError(f"dataset {name!r} does not take options {sorted(unknown)} "
+                         f"(allowed: {sorted(allowed) or 'none'})")
     root = resolve_data_dir(root)
     fields = _load(name, split, root, options)
 
@@ -203,4 +213,3 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     )
 
 
-__all__ = ["Dataset", "DatasetError", "DatasetNotFound", "load_dataset", "resolve_data_dir", "NAMES"]

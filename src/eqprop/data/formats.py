@@ -12,6 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..optional import require
+
+__all__ = ["DatasetError", "DatasetNotFound", "first_existing", "missing", "read_cifar", "read_idx", "read_idx_pair",
+           "read_imagenet32", "read_pickle_dict", "read_svhn"]
+
 
 class DatasetError(ValueError):
     """A dataset file is malformed, truncated or inconsistent (the message names the file)."""
@@ -116,7 +121,8 @@ def read_pickle_dict(path: Path, keys: tuple[str, ...]) -> dict:
     except _Forbidden as e:
         raise DatasetError(f"{path}: refusing to unpickle: {e} (only numpy arrays, lists and dicts are)") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DatasetError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
+        raise DatasetError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); "
+                           "the file is truncated or corrupt") from None
     if not isinstance(d, dict):
         raise DatasetError(f"{path}: expected a pickled dict, found {type(d).__name__}")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -181,14 +187,16 @@ def read_imagenet32(directory: Path, split: str, hint: str = "") -> tuple[np.nda
 # ---------------------------------------------------------------- SVHN (.mat)
 
 def read_svhn(directory: Path, split: str, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """SVHN cropped digits ``{train,test}_32x32.mat``: X (32, 32, 3, N) uint8, y (N, 1) with 10 for digit 0."""
-    import scipy.io
+    """SVHN cropped digits ``{train,test}_32x32.mat``: X (32, 32, 3, N) uint8, y (N, 1) with 10 for digit 0.
 
+    Needs scipy (the ``svhn`` extra) to read the MATLAB files."""
     path = first_existing([directory / f"{split}_32x32.mat"], f"SVHN {split}", hint)
+    sio = require("scipy.io", "svhn", "reading SVHN's .mat files")
     try:
-        m = scipy.io.loadmat(path)
+        m = sio.loadmat(path)
     except Exception as e:  # scipy raises assorted errors on truncated files
-        raise DatasetError(f"{path}: cannot read .mat ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
+        raise DatasetError(f"{path}: cannot read .mat ({type(e).__name__}: {e}); "
+                           "the file is truncated or corrupt") from None
     if "X" not in m or "y" not in m:
         raise DatasetError(f"{path}: missing keys 'X'/'y' (found {sorted(k for k in m if not k.startswith('__'))})")
     x, y = m["X"], np.asarray(m["y"], dtype=np.int64).reshape(-1)

@@ -14,11 +14,13 @@ same on every rank.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from .datasets import Dataset
+
+__all__ = ["AUGMENTED", "STD_FACTORS", "DeviceLoader", "crop_flip", "default_std_factor"]
 
 AUGMENTED = ("cifar10", "cifar100", "imagenet32")  # augmentation on by default for these (SPEC §6)
 STD_FACTORS = {"cifar10": 3.0, "cifar100": 3.0, "imagenet32": 1.5}
@@ -29,7 +31,8 @@ def default_std_factor(name: str) -> float:
     return STD_FACTORS.get(name, 1.0)
 
 
-def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor | None, padding_mode: str = "edge") -> torch.Tensor:
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor | None,
+              padding_mode: str = "edge") -> torch.Tensor:
     """Batched random crop (same size as the input) of the padded image, then horizontal flip.
 
     ``x``: (B, C, H, W) any dtype; ``shifts``: (B, 2) integer (dy, dx) in [-pad, pad]: output pixel

@@ -18,6 +18,8 @@ import numpy as np
 
 from .formats import DatasetError, missing
 
+__all__ = ["TsFile", "image_to_sequence", "pad_series", "read_ts", "sktime_data_dir", "uea_candidates", "uea_problem"]
+
 
 @dataclass
 class TsFile:
@@ -119,7 +121,8 @@ def read_ts(path: Path, missing_values: str = "error") -> TsFile:
                 raise DatasetError(f"{path}:{lineno}: target {label!r} is not a number") from None
         else:
             if label not in label_index:
-                raise DatasetError(f"{path}:{lineno}: label {label!r} is not among the declared labels {list(class_names)}")
+                raise DatasetError(f"{path}:{lineno}: label {label!r} is not among the declared labels "
+                                   f"{list(class_names)}")
             ys.append(label_index[label])
         series.append(np.stack(values, axis=1))
     if not series:

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = ["FORMAT", "REQUIRED", "CheckpointError", "load", "load_model_state", "rng_state", "save_atomic",
+           "set_rng_state"]
+
 FORMAT = "eqprop-checkpoint/1"
 REQUIRED = ("format", "config", "model", "optimizer", "scheduler", "rng", "position")
 

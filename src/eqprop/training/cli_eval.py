@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from .config import DEFAULTS, ConfigError, apply_overrides, merge
 
+__all__ = ["add_arguments", "evaluate_checkpoint", "run"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint.pt written by eqprop train")

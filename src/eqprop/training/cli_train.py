@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .config import DEFAULTS, ConfigError, apply_overrides, config_dir, list_configs, load_config, merge, to_yaml
 
+__all__ = ["add_arguments", "describe_configs", "resolve", "run"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="config name (see --list) or path to a .yaml file")

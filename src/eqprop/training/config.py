@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
+
+__all__ = ["CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "ConfigError", "apply_override", "apply_overrides",
+           "config_dir", "list_configs", "load_config", "load_config_file", "merge", "parse_value", "to_yaml",
+           "validate"]
 
 DEFAULTS: dict[str, Any] = {
     "name": None,                # set to the config's name when loaded

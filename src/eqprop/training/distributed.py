@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+__all__ = ["DistInfo", "all_reduce_sum", "any_flag", "barrier", "resolve_device", "setup", "teardown", "wrap"]
+
 
 @dataclass
 class DistInfo:

@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..optional import require
+
+__all__ = ["EpochTotals", "MetricsLogger", "plot_curves", "read_metrics", "topk_correct"]
+
 
 def topk_correct(logits: Tensor, y: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
     """Number of samples whose label is among the k highest logits, for each k (0-dim tensors;
@@ -46,13 +50,14 @@ class MetricsLogger:
         if fresh and self.path.exists():
             self.path.unlink()
         self.writer = None
-        if tensorboard:
+        if tensorboard:  # on by default, so a missing extra is a warning, not an error
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is an optional extra
-                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only "
-                              "(pip install 'eqprop[tensorboard]' to get TensorBoard logs)", stacklevel=2)
+                require("tensorboard", "tensorboard", "TensorBoard logs")
+            except ImportError as e:
+                warnings.warn(f"{e}; metrics go to metrics.jsonl only", stacklevel=2)
             else:
+                from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
 
     def log(self, record: dict) -> None:
@@ -78,13 +83,14 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | None:
-    """Loss and top-1 accuracy per epoch, train and test, as a PNG; None if nothing logged."""
+    """Loss and top-1 accuracy per epoch, train and test, as a PNG; None if nothing logged.
+
+    Needs matplotlib (the ``plot`` extra): ImportError naming the extra otherwise."""
     records = read_metrics(metrics_path)
     if not records:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plot", "learning-curve plots").use("Agg")
+    plt = require("matplotlib.pyplot", "plot", "learning-curve plots")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((axes[0], "loss", "cross-entropy"), (axes[1], "top1", "top-1 accuracy (%)")):
