@@ -1,9 +1,29 @@
-"""eqprop: feedforward-tied energy-based models trained by Equilibrium Propagation."""
-from .activations import Activation, HardSigmoid, Identity, Logistic, make_activation
-from .blocks import ConvHopfield, DenseHopfield, DivergenceError, EnergyBlock, HopfieldBlock, RelaxStats
-from .chain import FFEBM, conv_ffebm, dense_ffebm
-from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
-from .estimators import BPTT, EP, ID, Estimator, make_estimator
+"""eqprop: feedforward-tied energy-based models trained by Equilibrium Propagation.
 
-__version__: str = __import__("eqprop.optional", fromlist=["package_version"]).package_version("eqprop")
-from . import rules  # registers the learning-rule family (cl, pep, nep, cep, pcpl, ncpl, ccpl, tbp, rbp)
+Layers (each imports only from those before it): activations, couplings -> blocks
+(energies, relaxation, targets) -> precision -> estimators (EP, ID, BPTT, RHEL) -> rules
+(CL, CpL, TBP) -> registry (names, set_estimator) -> chain (FFEBM) -> hamiltonian ->
+testing, analysis, training, studies -> cli. docs/theory.md has the mathematics.
+"""
+from .activations import Activation, HardSigmoid, Identity, Logistic, make_activation
+from .blocks import (ConvHopfield, DenseHopfield, DivergenceError, EnergyBlock, HopfieldBlock, RelaxStats,
+                     current_target, targets)
+from .chain import FFEBM, configure_blocks, conv_ffebm, dense_ffebm, relax_stats
+from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
+from .estimators import BPTT, EP, ID, RHEL, Contrast, ContrastEstimator, Estimator
+from .optional import package_version
+from .registry import estimator_names, make_estimator, register_estimator, set_estimator
+from .rules import CL, TBP, CpL
+
+__version__: str = package_version("eqprop")
+
+__all__ = [
+    "Activation", "HardSigmoid", "Identity", "Logistic", "make_activation",
+    "ConvHopfield", "DenseHopfield", "DivergenceError", "EnergyBlock", "HopfieldBlock", "RelaxStats",
+    "current_target", "targets",
+    "FFEBM", "configure_blocks", "conv_ffebm", "dense_ffebm", "relax_stats",
+    "ConvCoupling", "Coupling", "DenseCoupling", "goe_", "weighted_kaiming_",
+    "BPTT", "EP", "ID", "RHEL", "Contrast", "ContrastEstimator", "Estimator",
+    "estimator_names", "make_estimator", "register_estimator", "set_estimator",
+    "CL", "CpL", "TBP", "__version__",
+]

@@ -1,46 +1,58 @@
-"""Energy-based blocks: energies and their relaxation to equilibrium (SPEC §1).
+"""Energy-based blocks: energies and their relaxation to equilibrium.
 
 An `EnergyBlock` holds layers s = (s_1, ..., s_L), receives an input current u (shaped
 like s_1) and has energy E(s; u) = sum_l G(s_l) - Phi(s; u). Its equilibrium is reached
-by the fixed-point iteration s_l <- sigma_l(dPhi/ds_l), without autograd.
+by the fixed-point iteration s_l <- sigma_l(dPhi/ds_l), without autograd (docs/theory.md).
 
 To define a new block, subclass `EnergyBlock` and write only `phi` (per-sample primitive
 function) and `state_shapes`; the fixed-point steps then use autograd on `phi` as a
 generic fallback. `HopfieldBlock` overrides `preactivations` with the analytical step
 (couplings T_l and their adjoints).
 
-How the block's backward is computed is the job of its `estimator` (see estimators.py),
-which can be swapped at run time: `block.estimator = EP(beta=0.1)`.
+How the block's backward is computed is the job of its `estimator` (eqprop.estimators),
+an immutable object that can be swapped at run time: `block.estimator = EP(beta=0.1)` or
+`eqprop.set_estimator(block, "ep", beta=0.1)`.
 """
 from __future__ import annotations
 
+import contextvars
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .activations import Activation, Identity, make_activation
 from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_
+from .validate import check_choice, check_positive_int, check_tol
 
 State = list[Tensor]
+RelaxRecord = dict  # phase name -> RelaxStats, one per forward (see EnergyBlock.forward)
+
+__all__ = ["State", "RelaxStats", "RelaxRecord", "DivergenceError", "relative_change", "EnergyBlock",
+           "HopfieldBlock", "DenseHopfield", "ConvHopfield", "targets", "current_target", "output_block",
+           "RELAX_SETTINGS"]
+
+RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs")
 
 
 class DivergenceError(RuntimeError):
     """A relaxation produced a non-finite state."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RelaxStats:
-    """What one relaxation did: iterations run, last relative change, whether tol was met."""
+    """What one relaxation did: iterations run, last relative change, whether tol was met
+    (None when no tolerance was asked for)."""
 
     iters: int
     residual: float
-    converged: bool | None  # None when no tolerance was asked for
+    converged: bool | None
 
     def as_dict(self) -> dict:
-        return {"iters": self.iters, "residual": self.residual, "converged": self.converged}
+        return asdict(self)
 
 
 def relative_change(new: State, old: State) -> Tensor:
@@ -51,50 +63,118 @@ def relative_change(new: State, old: State) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def _check_positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+# ---- targets of the rules that need one (cost on the output layer, clamping) -------------
+
+_TARGETS: contextvars.ContextVar[tuple] = contextvars.ContextVar("eqprop_targets", default=())
 
 
-def _check_tol(owner: str, tol) -> None:
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"{owner}: tol must be a positive number or None, got {tol!r}")
+def output_block(model: nn.Module) -> EnergyBlock:
+    """The block that holds the model's output layer: the model itself, or the last module
+    of a sequential model when it is an `EnergyBlock`."""
+    if isinstance(model, EnergyBlock):
+        return model
+    if isinstance(model, nn.Sequential) and len(model) > 0:
+        last = model[-1]
+        if isinstance(last, EnergyBlock):
+            return last
+        raise ValueError(f"targets: the model's last module is {type(last).__name__}, not an energy-based block; "
+                         f"rules that need the target (cl, cpl, cost on the output layer) need a block that holds "
+                         f"the output layer (no readout after it)")
+    blocks = [m for m in model.modules() if isinstance(m, EnergyBlock)]
+    if not blocks:
+        raise ValueError(f"targets: {type(model).__name__} holds no energy-based block")
+    return blocks[-1]
+
+
+def check_target(y: object) -> Tensor:
+    """A target is integer labels (batch,) or a real tensor shaped like the output layer."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"targets: y must be a tensor, got {type(y).__name__}")
+    if y.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        if y.dim() != 1:
+            raise ValueError(f"targets: integer labels must have shape (batch,), got {tuple(y.shape)}")
+    elif not y.is_floating_point():
+        raise ValueError(f"targets: y must hold integer labels or real targets, got dtype {y.dtype}")
+    return y.detach()
+
+
+@contextmanager
+def targets(model: nn.Module, y: Tensor) -> Iterator[EnergyBlock]:
+    """Within the context, forwards of the block holding `model`'s output layer see the
+    target y (one-hot/real like the output layer, or int labels (batch,)).
+
+    The target is read when the block's forward runs and kept with that forward's graph, so
+    the backward may run after the context has closed. The context is a `contextvars`
+    variable: each thread (and asyncio task) has its own. `FFEBM.forward(x, target=y)` and
+    `block(u, target=y)` pass the target explicitly instead.
+    """
+    block = output_block(model)
+    token = _TARGETS.set(_TARGETS.get() + ((block, check_target(y)),))
+    try:
+        yield block
+    finally:
+        _TARGETS.reset(token)
+
+
+def current_target(block: EnergyBlock) -> Tensor | None:
+    """The target set by the innermost `targets` context for this block, if any."""
+    for b, y in reversed(_TARGETS.get()):
+        if b is block:
+            return y
+    return None
 
 
 class EnergyBlock(nn.Module):
     """Base class of energy-based (analog) blocks.
 
-    Settings (all plain attributes, changeable at any time):
-      T1:          iteration cap of the free phase
-      tol:         stop earlier when the relative change falls below it (None: run T1)
-      update:      'sync' (all layers at once) or 'async' (one parity, then the other)
-      first:       'odd' or 'even': which parity an async sweep updates first
-      check_every: how often (in iterations) the tolerance is checked; each check is
-                   one host-device synchronisation on a GPU
-      relax_dtype: run relaxations in this dtype (e.g. torch.bfloat16) under autocast;
-                   states come back in the input's dtype, so EP differences and
-                   parameter gradients stay in full precision
-    After each forward, `stats` holds the RelaxStats of the phases that ran
-    ('free', and 'nudged+'/'nudged-'/'adjoint' after a backward).
+    Settings (plain attributes, changeable at any time, validated at every forward):
+      T1:           iteration cap of the free phase
+      tol:          stop earlier when the relative change falls below it (None: run T1)
+      update:       'sync' (all layers at once) or 'async' (one parity, then the other)
+      first:        'odd' or 'even': which parity an async sweep updates first
+      check_every:  how often (in iterations) the tolerance is checked; each check is one
+                    host-device synchronisation on a GPU (default: 1 on CPU, 10 on GPU)
+      relax_dtype:  run relaxations in this dtype (e.g. torch.bfloat16) under autocast;
+                    states come back in the input's dtype, so EP differences and
+                    parameter gradients stay in full precision
+      check_inputs: refuse input currents holding NaN/inf (checked with the relaxation's
+                    one synchronisation, so it costs no extra one)
+      estimator:    how the backward is computed (an eqprop.estimators object, or None for
+                    a block used without gradients)
+    After each forward, `last_relax` holds the `RelaxStats` of its phases: 'free', and the
+    phases the estimator's backward ran ('nudged+', 'nudged-', 'adjoint', ...).
+
+    Under torch.autocast (mixed-precision feedforward parts) the block runs with autocast
+    off and an input current in its parameters' dtype, so forward and backward agree.
     """
 
     def __init__(self, activations: Sequence[Activation], T1: int = 20, tol: float | None = None,
                  update: str = "async", first: str = "odd", check_every: int | None = None,
-                 estimator=None, name: str | None = None, relax_dtype: torch.dtype | None = None):
+                 estimator: object = None, name: str | None = None, relax_dtype: torch.dtype | None = None,
+                 check_inputs: bool = True):
         super().__init__()
         self.activations = list(activations)
         self.relax_dtype = relax_dtype
         self.T1, self.tol, self.update, self.first, self.check_every = T1, tol, update, first, check_every
+        self.check_inputs = check_inputs
         self.block_name = name or type(self).__name__
         self.validate()
-        if estimator is None:
-            from .estimators import EP
-            estimator = EP()
         self.estimator = estimator
-        self.stats: dict[str, RelaxStats] = {}
-        self.free_state: State | None = None
+        self.last_relax: RelaxRecord = {}
+
+    @property
+    def estimator(self) -> object:
+        return self._estimator
+
+    @estimator.setter
+    def estimator(self, est: object) -> None:
+        if est is not None:
+            if not callable(getattr(est, "attach", None)):
+                raise TypeError(f"{self.block_name}: an estimator must be an eqprop estimator object (e.g. "
+                                f"eqprop.EP()), got {type(est).__name__}; build one by name with "
+                                f"eqprop.make_estimator")
+            est.check_applicable("block", self.block_name)
+        self._estimator = est
 
     # ---- what a block must define ---------------------------------------------------
     def state_shapes(self, in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -133,6 +213,11 @@ class EnergyBlock(nn.Module):
             out[l] = g
         return out
 
+    def fixed_point_map(self, s: State, u: Tensor, nudge: Tensor | None = None) -> State:
+        """f(s) = sigma(dPhi/ds) for all layers at once: the map whose fixed point is s*."""
+        pre = self.preactivations(s, u, list(range(len(s))), nudge)
+        return [self.activations[l](pre[l]) for l in range(len(s))]
+
     def step(self, s: State, u: Tensor, nudge: Tensor | None = None, cache: dict | None = None,
              hold_last: bool = False, preactivations: Callable | None = None) -> State:
         """One sweep of the fixed-point iteration (sync or async); returns new states.
@@ -159,7 +244,7 @@ class EnergyBlock(nn.Module):
         return [u.new_zeros((u.shape[0], *shape)) for shape in self.state_shapes(tuple(u.shape[1:]))]
 
     @torch.no_grad()
-    def relax(self, u: Tensor, s0: State | None = None, T: int | None = None, tol: float | None = "block",
+    def relax(self, u: Tensor, s0: State | None = None, T: int | None = None, tol: float | None | str = "block",
               nudge: Tensor | Callable[[Tensor], Tensor] | None = None, hold_last: bool = False,
               callback: Callable[[int, State], None] | None = None, preactivations: Callable | None = None,
               ) -> tuple[State, RelaxStats]:
@@ -171,33 +256,38 @@ class EnergyBlock(nn.Module):
         hold_last: the last layer keeps its value from s0 (a clamped output).
         callback(t, s) is called after every step (for analyses; free when absent).
         preactivations: replaces the block's own in every step (see `step`).
+        Returns the state and its `RelaxStats`; on a GPU this costs one host-device
+        synchronisation (plus one per tolerance check).
         """
         T = self.T1 if T is None else T
         tol = self.tol if tol == "block" else tol
-        _check_positive_int(self.block_name, "T", T)
-        _check_tol(self.block_name, tol)
+        check_positive_int(self.block_name, "T", T)
+        check_tol(self.block_name, tol)
         s = self.init_state(u) if s0 is None else [x.detach() for x in s0]
         out_dtype = u.dtype
         if self.relax_dtype is not None and self.relax_dtype != u.dtype and preactivations is None:
             low = self.relax_dtype
             if callable(nudge):
                 force = nudge
-                nudge = lambda sl: force(sl.to(out_dtype)).to(low)  # noqa: E731
+
+                def nudge(sl: Tensor) -> Tensor:
+                    return force(sl.to(out_dtype)).to(low)
             elif nudge is not None:
                 nudge = nudge.to(low)
             with torch.autocast(u.device.type, dtype=low):
                 s, stats = self._relax_loop(u.to(low), [x.to(low) for x in s], T, tol, nudge, hold_last, callback,
-                                            None)
+                                            None, u)
             return [x.to(out_dtype) for x in s], stats
-        return self._relax_loop(u, s, T, tol, nudge, hold_last, callback, preactivations)
+        return self._relax_loop(u, s, T, tol, nudge, hold_last, callback, preactivations, u)
 
     def _relax_loop(self, u: Tensor, s: State, T: int, tol: float | None, nudge, hold_last: bool,
-                    callback: Callable[[int, State], None] | None, preactivations: Callable | None
-                    ) -> tuple[State, RelaxStats]:
+                    callback: Callable[[int, State], None] | None, preactivations: Callable | None,
+                    u_given: Tensor) -> tuple[State, RelaxStats]:
         every = self.check_every or (1 if u.device.type == "cpu" else 10)
         cache: dict = {}
         t = 0
         converged = None if tol is None else False
+        change = None
         while t < T:
             current = nudge(s[-1]) if callable(nudge) else nudge
             new = self.step(s, u, current, cache, hold_last, preactivations)
@@ -212,7 +302,14 @@ class EnergyBlock(nn.Module):
             elif t == T:
                 change = relative_change(new, s)
             s = new
-        residual = float(change)  # the one synchronisation of a fixed-T relaxation
+        # the one synchronisation of a fixed-T relaxation: residual and input finiteness together
+        flags = [change.float()]
+        if self.check_inputs:
+            flags.append((~torch.isfinite(u_given).all()).float())
+        values = torch.stack(flags).tolist()
+        residual = values[0]
+        if self.check_inputs and values[1]:
+            raise ValueError(f"{self.block_name}: input current holds NaN or inf values")
         if not math.isfinite(residual):
             bad = [i + 1 for i, x in enumerate(s) if not torch.isfinite(x).all()]
             if bad:
@@ -225,31 +322,69 @@ class EnergyBlock(nn.Module):
     # ---- settings and input checks --------------------------------------------------
     def validate(self) -> None:
         """Raise a ValueError naming this block for any invalid setting."""
-        _check_positive_int(self.block_name, "T1", self.T1)
-        _check_tol(self.block_name, self.tol)
-        _check_positive_int(self.block_name, "check_every", self.check_every, allow_none=True)
-        if self.update not in ("sync", "async"):
-            raise ValueError(f"{self.block_name}: update must be 'sync' or 'async', got {self.update!r}")
-        if self.first not in ("odd", "even"):
-            raise ValueError(f"{self.block_name}: first must be 'odd' or 'even', got {self.first!r}")
+        check_positive_int(self.block_name, "T1", self.T1)
+        check_tol(self.block_name, self.tol)
+        check_positive_int(self.block_name, "check_every", self.check_every, allow_none=True)
+        check_choice(self.block_name, "update", self.update, ("sync", "async"))
+        check_choice(self.block_name, "first", self.first, ("odd", "even"))
+        if not isinstance(self.check_inputs, bool):
+            raise ValueError(f"{self.block_name}: check_inputs must be True or False, got {self.check_inputs!r}")
+        if self.relax_dtype is not None and not (isinstance(self.relax_dtype, torch.dtype)
+                                                 and self.relax_dtype.is_floating_point):
+            raise ValueError(f"{self.block_name}: relax_dtype must be a floating-point torch.dtype or None, "
+                             f"got {self.relax_dtype!r}")
+
+    def configure(self, **settings) -> EnergyBlock:
+        """Set relaxation settings (see the class docstring); nothing changes if one is invalid."""
+        unknown = set(settings) - set(RELAX_SETTINGS)
+        if unknown:
+            raise ValueError(f"{self.block_name}: unknown relaxation setting(s) {sorted(unknown)}; "
+                             f"valid: {', '.join(RELAX_SETTINGS)}")
+        old = {k: getattr(self, k) for k in settings}
+        for k, v in settings.items():
+            setattr(self, k, v)
+        try:
+            self.validate()
+        except ValueError:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        return self
 
     def check_input(self, u: Tensor) -> None:
-        """Raise a ValueError if u has the wrong shape or holds NaN/inf."""
+        """Raise a ValueError if u does not fit the block's first layer."""
+        if not isinstance(u, Tensor) or not u.is_floating_point():
+            raise TypeError(f"{self.block_name}: the input current must be a floating-point tensor, got "
+                            f"{getattr(u, 'dtype', type(u).__name__)}")
         try:
             self.state_shapes(tuple(u.shape[1:]))
         except ValueError as e:
             raise ValueError(f"{self.block_name}: input current of shape {tuple(u.shape)} does not fit: {e}") from None
-        if not torch.isfinite(u).all():
-            raise ValueError(f"{self.block_name}: input current holds NaN or inf values")
 
     # ---- forward: free phase, then the estimator wires the backward -------------------
-    def forward(self, u: Tensor) -> Tensor:
+    def forward(self, u: Tensor, target: Tensor | None = None) -> Tensor:
+        """The free equilibrium's last layer, with the estimator's backward.
+
+        target: for rules that need one (see `targets`); defaults to the innermost
+        `targets` context naming this block.
+        """
+        if torch.is_autocast_enabled(u.device.type):
+            dtype = next((p.dtype for p in self.parameters()), u.dtype)
+            with torch.autocast(u.device.type, enabled=False):
+                return self.forward(u.to(dtype), target)
         self.validate()
         self.check_input(u)
+        target = check_target(target) if target is not None else current_target(self)
         s, stats = self.relax(u.detach())
-        self.stats = {"free": stats}
-        self.free_state = s
-        return self.estimator.attach(self, u, s)
+        record: RelaxRecord = {"free": stats}
+        self.last_relax = record
+        if self.estimator is None:
+            if torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in self.parameters())):
+                raise RuntimeError(f"{self.block_name}: no estimator is set, so no gradient can flow through this "
+                                   f"block; set one with eqprop.set_estimator(block, 'ep') or block.estimator = "
+                                   f"eqprop.EP(), or run under torch.no_grad()")
+            return s[-1]
+        return self.estimator.attach(self, u, s, target=target, record=record)
 
     def extra_repr(self) -> str:
         return (f"T1={self.T1}, tol={self.tol}, update={self.update!r}, first={self.first!r}, "
@@ -301,7 +436,7 @@ class HopfieldBlock(EnergyBlock):
             z = u if l == 0 else self._forward_map(s, l - 1, cache)[0]
             if l < L - 1:
                 coupling = self.couplings[l]
-                aux = self._forward_map(s, l, cache)[1] if getattr(coupling, "pool", False) else None
+                aux = self._forward_map(s, l, cache)[1] if coupling.routed else None
                 z = z + coupling.adjoint(s[l + 1], aux, s[l].shape)
             if nudge is not None and l == L - 1:
                 z = z + nudge

@@ -1,55 +1,94 @@
-"""Feedforward-tied energy-based models (SPEC §2): a chain of feedforward modules and
-energy-based blocks, then a readout.
+"""Feedforward-tied energy-based models: a chain of feedforward modules and energy-based
+blocks, then a readout (docs/theory.md).
 
     model = FFEBM(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64),
                   ConvHopfield([64, 128], pools="m"),
                   nn.Flatten(), nn.Linear(128 * 16 * 16, 10))
 
 Autograd backpropagates through the feedforward modules; each block's backward is
-computed by its estimator (EP by default), so `loss.backward()` is the hybrid algorithm.
+computed by its estimator (EP unless the block was given another), so `loss.backward()` is
+the hybrid algorithm.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
+from .blocks import RELAX_SETTINGS, ConvHopfield, DenseHopfield, EnergyBlock
 from .couplings import init_module_
-from .estimators import Estimator, make_estimator
+from .estimators import EP, Estimator
+from .registry import make_estimator, set_estimator
+
+__all__ = ["FFEBM", "conv_ffebm", "dense_ffebm", "configure_blocks", "relax_stats"]
+
+
+def configure_blocks(model: nn.Module, **settings: Any) -> nn.Module:
+    """Set relaxation settings (T1, tol, update, first, check_every, relax_dtype,
+    check_inputs) on every energy-based block of `model`; nothing changes if one is invalid."""
+    blocks = [m for m in model.modules() if isinstance(m, EnergyBlock)]
+    unknown = set(settings) - set(RELAX_SETTINGS)
+    if unknown:
+        raise ValueError(f"configure_blocks: unknown relaxation setting(s) {sorted(unknown)}; valid: "
+                         f"{', '.join(RELAX_SETTINGS)}")
+    old = [{k: getattr(b, k) for k in settings} for b in blocks]
+    try:
+        for b in blocks:
+            b.configure(**settings)
+    except ValueError:
+        for b, o in zip(blocks, old):
+            for k, v in o.items():
+                setattr(b, k, v)
+        raise
+    return model
+
+
+def relax_stats(model: nn.Module) -> list[dict]:
+    """Per energy-based block, the RelaxStats (as dicts) of the phases run by the last
+    forward and its backward."""
+    return [{phase: st.as_dict() for phase, st in m.last_relax.items()}
+            for m in model.modules() if isinstance(m, EnergyBlock)]
 
 
 class FFEBM(nn.Sequential):
-    """An ordered chain of modules, some of which are `EnergyBlock`s."""
+    """An ordered chain of modules, some of which are `EnergyBlock`s. Blocks built without
+    an estimator get EP with its default settings."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__(*modules)
+        for b in self.blocks:
+            if b.estimator is None:
+                b.estimator = EP()
 
     @property
     def blocks(self) -> list[EnergyBlock]:
         return [m for m in self if isinstance(m, EnergyBlock)]
 
-    def set_estimator(self, estimator: str | Estimator, blocks: Iterable[int] | None = None, **settings) -> "FFEBM":
-        """Use `estimator` ('ep', 'id', 'bptt' or an instance) for all blocks or the given
-        block indices; no rebuild, parameters untouched."""
-        all_blocks = self.blocks
-        idx = range(len(all_blocks)) if blocks is None else list(blocks)
-        for i in idx:
-            if not 0 <= i < len(all_blocks):
-                raise ValueError(f"set_estimator: block index {i} out of range (model has {len(all_blocks)} blocks)")
-            all_blocks[i].estimator = make_estimator(estimator, **settings)
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
+        """Run the chain; `target` goes to the last module, which must then be an energy-based
+        block holding the output layer (rules such as cl, cpl and EP with a cost need it)."""
+        if target is not None and not isinstance(self[-1], EnergyBlock):
+            raise ValueError(f"FFEBM: a target was given but the last module is {type(self[-1]).__name__}, not an "
+                             f"energy-based block holding the output layer")
+        for i, m in enumerate(self):
+            x = m(x, target) if (target is not None and i == len(self) - 1) else m(x)
+        return x
+
+    def set_estimator(self, estimator: str | Estimator, blocks: Iterable[int] | None = None,
+                      **settings: Any) -> FFEBM:
+        """Same as `eqprop.set_estimator(self, ...)`: all blocks or the given block indices."""
+        set_estimator(self, estimator, blocks, **settings)
         return self
 
-    def configure_blocks(self, **settings) -> "FFEBM":
-        """Set relaxation settings (T1, tol, update, first, check_every) on every block."""
-        for b in self.blocks:
-            for k, v in settings.items():
-                if not hasattr(b, k) or k not in ("T1", "tol", "update", "first", "check_every"):
-                    raise ValueError(f"configure_blocks: unknown relaxation setting {k!r}")
-                setattr(b, k, v)
-            b.validate()
+    def configure_blocks(self, **settings: Any) -> FFEBM:
+        """Same as `eqprop.configure_blocks(self, ...)`."""
+        configure_blocks(self, **settings)
         return self
 
     def relax_stats(self) -> list[dict]:
-        """Per block, the RelaxStats of the phases run by the last forward/backward."""
-        return [{phase: st.as_dict() for phase, st in b.stats.items()} for b in self.blocks]
+        """Same as `eqprop.relax_stats(self)`."""
+        return relax_stats(self)
 
 
 def _feedforward(c_in: int, c_out: int, pool: bool, batchnorm: bool) -> nn.Sequential:
@@ -65,7 +104,7 @@ def conv_ffebm(blocks: Sequence[dict], num_classes: int = 10, in_size: int = 32,
                slope: float = 1.0, init: str = "goe", variance: float = 8.351e-5, alpha: float = 0.5,
                batchnorm: bool = True, last_linear: bool = False, estimator: str | Estimator = "ep",
                estimator_settings: dict | None = None, **relax) -> FFEBM:
-    """Build a published-style convolutional ff-EBM (SPEC §6) in one call.
+    """Build a published-style convolutional ff-EBM in one call.
 
     Each entry of `blocks` is {'channels': [c_in, c_1, ..., c_K], 'pools': 'm-..', 'fc': [..]}
     with one pool character per convolution. The first convolution (+ its pooling +

@@ -15,18 +15,70 @@ from torch import Tensor, nn
 
 
 class Coupling(nn.Module):
-    """T: layer l -> layer l+1. Subclasses implement forward/adjoint/out_shape."""
+    """T: layer l -> layer l+1, split into a bias-free linear part and what follows it.
+
+    T(x) = route(W x) + b, where `linear_map` is the linear map W (a convolution or a matrix),
+    `route` a fixed routing such as 2x2 max-pooling (its choice is returned as `aux`), and b
+    the bias. The adjoint (no bias) is W^T route^T. Keeping the parts apart lets reduced
+    precision (eqprop.precision), analyses and benchmarks use any coupling the same way.
+
+    Subclasses implement `linear_map`, `linear_adjoint`, `out_shape` and `macs`, and override
+    `route`/`route_adjoint`/`add_bias` when they pool or have no bias.
+    """
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight of the linear part (what `linear_map(x, weight=...)` replaces)."""
+        raise NotImplementedError
+
+    @property
+    def bias(self) -> Tensor | None:
+        raise NotImplementedError
+
+    def linear_map(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """W x, bias-free, before routing; `weight` replaces W (e.g. a 16-bit copy)."""
+        raise NotImplementedError
+
+    def linear_adjoint(self, y: Tensor, x_shape: torch.Size, weight: Tensor | None = None) -> Tensor:
+        """W^T y, shaped like the lower layer (`x_shape`, with batch)."""
+        raise NotImplementedError
+
+    @property
+    def routed(self) -> bool:
+        """Whether the adjoint needs the routing chosen by the forward map (its `aux`)."""
+        return False
+
+    def route(self, z: Tensor) -> tuple[Tensor, object]:
+        """(route(z), aux): the routing after the linear part; identity by default."""
+        return z, None
+
+    def route_adjoint(self, y: Tensor, aux: object, z_shape: torch.Size) -> Tensor:
+        """route^T y for the routing recorded in `aux` (shaped like W x, i.e. `z_shape`)."""
+        return y
+
+    def add_bias(self, y: Tensor) -> Tensor:
+        b = self.bias
+        return y if b is None else y + b.view(1, -1, *([1] * (y.dim() - 2)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, object]:
-        """Return (T(x) + bias, aux) where aux is whatever `adjoint` needs (or None)."""
-        raise NotImplementedError
+        """(T(x) + bias, aux) where aux is whatever `adjoint` needs (None when no routing)."""
+        z = self.linear_map(x)
+        y, aux = self.route(z)
+        return self.add_bias(y), (None if aux is None else (aux, z.shape))
 
     def adjoint(self, y: Tensor, aux: object, x_shape: torch.Size) -> Tensor:
-        """Return T^T(y) (no bias), shaped like the lower layer."""
-        raise NotImplementedError
+        """T^T(y) without bias, shaped like the lower layer; `aux` from `forward`."""
+        if aux is not None:
+            route_aux, z_shape = aux
+            y = self.route_adjoint(y, route_aux, z_shape)
+        return self.linear_adjoint(y, x_shape)
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the upper layer (without batch) for a lower layer of `in_shape`."""
+        raise NotImplementedError
+
+    def macs(self, in_shape: tuple[int, ...]) -> int:
+        """Multiply-accumulates of one application of W (or of W^T) to one sample."""
         raise NotImplementedError
 
     def pairing(self, x: Tensor, y: Tensor) -> Tensor:
@@ -41,11 +93,24 @@ class DenseCoupling(Coupling):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, object]:
-        return self.linear(x.flatten(1)), None
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
 
-    def adjoint(self, y: Tensor, aux: object, x_shape: torch.Size) -> Tensor:
-        return (y @ self.linear.weight).view(x_shape)
+    @property
+    def bias(self) -> Tensor | None:
+        return self.linear.bias
+
+    def linear_map(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        w = self.linear.weight if weight is None else weight
+        return x.flatten(1) @ w.t()
+
+    def linear_adjoint(self, y: Tensor, x_shape: torch.Size, weight: Tensor | None = None) -> Tensor:
+        w = self.linear.weight if weight is None else weight
+        return (y @ w).view(x_shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, object]:
+        return F.linear(x.flatten(1), self.linear.weight, self.linear.bias), None
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         n = math.prod(in_shape)
@@ -55,36 +120,61 @@ class DenseCoupling(Coupling):
             )
         return (self.linear.out_features,)
 
+    def macs(self, in_shape: tuple[int, ...]) -> int:
+        self.out_shape(in_shape)
+        return self.linear.in_features * self.linear.out_features
+
 
 class ConvCoupling(Coupling):
-    """3x3 convolution (stride 1, padding 1), optionally followed by 2x2 max-pooling.
+    """Square convolution (stride 1, same padding), optionally followed by 2x2 max-pooling.
 
-    The adjoint un-pools with the argmax indices of the pool taken on conv(s_l), then
-    applies the transposed convolution.
+    The bias is added after pooling (a per-channel constant commutes with max). The adjoint
+    un-pools with the argmax indices of the pool taken on conv(s_l), then applies the
+    transposed convolution.
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool = False, kernel_size: int = 3,
                  bias: bool = True):
         super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"ConvCoupling: kernel_size must be odd (same padding), got {kernel_size}")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.pool = bool(pool)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, object]:
-        w, b = self.conv.weight, self.conv.bias
-        if not self.pool:
-            return F.conv2d(x, w, b, padding=self.conv.padding), None
-        # Bias is added after pooling (a per-channel constant commutes with max).
-        z = F.conv2d(x, w, None, padding=self.conv.padding)
-        p, idx = F.max_pool2d(z, 2, 2, return_indices=True)
-        if b is not None:
-            p = p + b.view(1, -1, 1, 1)
-        return p, (idx, z.shape)
+    @property
+    def weight(self) -> Tensor:
+        return self.conv.weight
 
-    def adjoint(self, y: Tensor, aux: object, x_shape: torch.Size) -> Tensor:
-        if self.pool:
-            idx, z_shape = aux
-            y = F.max_unpool2d(y, idx, 2, 2, output_size=z_shape[-2:])
-        return F.conv_transpose2d(y, self.conv.weight, None, padding=self.conv.padding)
+    @property
+    def bias(self) -> Tensor | None:
+        return self.conv.bias
+
+    def linear_map(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        w = self.conv.weight if weight is None else weight
+        return F.conv2d(x, w, None, padding=self.conv.padding)
+
+    def linear_adjoint(self, y: Tensor, x_shape: torch.Size, weight: Tensor | None = None) -> Tensor:
+        w = self.conv.weight if weight is None else weight
+        return F.conv_transpose2d(y, w, None, padding=self.conv.padding)
+
+    @property
+    def routed(self) -> bool:
+        return self.pool
+
+    def route(self, z: Tensor) -> tuple[Tensor, object]:
+        if not self.pool:
+            return z, None
+        return F.max_pool2d(z, 2, 2, return_indices=True)
+
+    def route_adjoint(self, y: Tensor, aux: object, z_shape: torch.Size) -> Tensor:
+        if not self.pool:
+            return y
+        return F.max_unpool2d(y, aux, 2, 2, output_size=z_shape[-2:])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, object]:
+        if not self.pool:
+            return F.conv2d(x, self.conv.weight, self.conv.bias, padding=self.conv.padding), None
+        return super().forward(x)
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         if len(in_shape) != 3 or in_shape[0] != self.conv.in_channels:
@@ -93,10 +183,17 @@ class ConvCoupling(Coupling):
                 f"{self.conv.in_channels} channels x H x W"
             )
         c, h, w = self.conv.out_channels, in_shape[1], in_shape[2]
+        if self.pool and (h < 2 or w < 2):
+            raise ValueError(f"ConvCoupling: a 2x2 max-pool needs at least 2x2 pixels, the lower layer is {h}x{w}")
         return (c, h // 2, w // 2) if self.pool else (c, h, w)
 
+    def macs(self, in_shape: tuple[int, ...]) -> int:
+        self.out_shape(in_shape)
+        k = self.conv.kernel_size[0] * self.conv.kernel_size[1]
+        return self.conv.in_channels * self.conv.out_channels * k * in_shape[1] * in_shape[2]
 
-# --- initialisations (SPEC §1) -------------------------------------------------------
+
+# --- initialisations ---------------------------------------------------------------
 
 @torch.no_grad()
 def goe_(weight: Tensor, variance: float) -> Tensor:
@@ -140,3 +237,6 @@ def init_module_(module: nn.Module, init: str = "kaiming", alpha: float = 0.5, v
                     m.bias.zero_()
             else:
                 weighted_kaiming_(m.weight, m.bias, alpha)
+
+
+__all__ = ["Coupling", "DenseCoupling", "ConvCoupling", "goe_", "weighted_kaiming_", "init_module_"]

@@ -1,36 +1,55 @@
-"""Gradient estimators of an energy-based block (SPEC §3-4).
+"""Gradient estimators: how the backward of an energy-based block (or a Hamiltonian unit) is
+computed. This module is the one place where the forward/backward cycle is wired.
 
-Each estimator takes the free equilibrium computed by the block and returns the block's
-output (its last layer) wired into autograd so that an ordinary `loss.backward()` runs:
+An estimator is an immutable settings object, validated once when built. A block's forward
+computes the free equilibrium s*, then calls
 
-  EP   the nudged relaxations and the EP estimates for input and parameters (a custom
-       autograd.Function: nothing of any trajectory is stored);
-  ID   implicit differentiation: the adjoint fixed point lambda = J^T lambda + delta;
-  BPTT T2 more steps from the free equilibrium with autograd on.
+    estimator.attach(block, u, s*, target=..., record=...) -> output (the last layer)
 
-Swap them at run time: `block.estimator = ID()` or `model.set_estimator("ep", beta=0.1)`.
+which returns the output wired into autograd, so that an ordinary `loss.backward()` runs the
+estimator. `record` is the forward's `RelaxRecord` (phase name -> RelaxStats): the backward
+adds the statistics of the phases it runs to it, and `model.relax_stats()` reads it.
+
+  EP    Equilibrium Propagation in its three variants (centered, positive, negative): the
+        nudged relaxations and the EP estimates for input and parameters, in one custom
+        autograd.Function (nothing of any trajectory is stored);
+  ID    implicit differentiation: the adjoint fixed point lambda = J^T lambda + delta;
+  BPTT  T2 more steps from the free equilibrium with autograd on (for a Hamiltonian unit:
+        autograd through every time step);
+  RHEL  Recurrent Hamiltonian Echo Learning, for Hamiltonian units (eqprop.hamiltonian).
+
+The theory of each is in docs/theory.md. More rules (contrastive learning, coupled
+learning, truncated backprop) are in eqprop.rules; the registry of names is
+eqprop.registry. To write a new rule, subclass `ContrastEstimator` and give `contrast`
+(docs/extending.md).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import EnergyBlock, RelaxStats, State, _check_positive_int, _check_tol, relative_change
+from .blocks import EnergyBlock, RelaxRecord, RelaxStats, State, relative_change
 from .precision import check_precision, low_dtype, relax_with_precision
+from .validate import check_choice, check_nonnegative_int, check_positive, check_positive_int, check_tol
+
+__all__ = ["Estimator", "ContrastEstimator", "Contrast", "EP", "ID", "BPTT", "RHEL", "VARIANTS", "NORMALIZE",
+           "error_scale", "per_sample", "normalized_current", "target_like", "loss_weights", "block_parameters"]
 
 VARIANTS = ("centered", "positive", "negative")
 NORMALIZE = ("sample", "batch", "none")
 
 
-def _block_params(block: EnergyBlock) -> list[Tensor]:
+def block_parameters(block: torch.nn.Module) -> list[Tensor]:
+    """The parameters of `block` that require gradients (what an estimator differentiates)."""
     return [p for p in block.parameters() if p.requires_grad]
 
 
 def error_scale(delta: Tensor, mode: str) -> Tensor:
-    """Scale c with delta = c * delta_hat: shape (batch,) or () (SPEC §3, last paragraph).
+    """Scale c with delta = c * delta_hat: shape (batch,) or ().
 
     'sample': per-sample norm (the nudge no longer depends on the loss reduction or the
     batch size); 'batch': mean per-sample norm; 'none': 1.
@@ -43,68 +62,170 @@ def error_scale(delta: Tensor, mode: str) -> Tensor:
     return norms
 
 
-def _like(scale: Tensor, x: Tensor) -> Tensor:
+def per_sample(scale: Tensor, x: Tensor) -> Tensor:
     """Reshape a (batch,) or () scale to broadcast against x."""
     return scale.view(-1, *([1] * (x.dim() - 1))) if scale.dim() else scale
 
 
+def normalized_current(delta: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """(delta_hat, scale) with delta = scale * delta_hat (zero where the scale is zero)."""
+    scale = error_scale(delta, mode)
+    c = per_sample(scale, delta)
+    hat = torch.where(c > 0, delta / c.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
+    return hat, scale
+
+
+def target_like(block: EnergyBlock, y: Tensor, out: Tensor, rule: str) -> Tensor:
+    """The target as a tensor shaped like the output layer `out` (one-hot for labels)."""
+    if not y.is_floating_point():
+        if out.dim() != 2:
+            raise ValueError(f"{rule} ({block.block_name}): integer labels need a flat output layer (batch, K), "
+                             f"the output layer has shape {tuple(out.shape)}; give a target of that shape")
+        if y.shape[0] != out.shape[0]:
+            raise ValueError(f"{rule} ({block.block_name}): {y.shape[0]} labels for a batch of {out.shape[0]}")
+        k = out.shape[1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ValueError(f"{rule} ({block.block_name}): labels must lie in [0, {k}), got range "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return F.one_hot(y.long().to(out.device), k).to(out.dtype)
+    if tuple(y.shape) != tuple(out.shape):
+        raise ValueError(f"{rule} ({block.block_name}): target of shape {tuple(y.shape)} does not match the output "
+                         f"layer of shape {tuple(out.shape)}")
+    return y.to(device=out.device, dtype=out.dtype)
+
+
+def loss_weights(delta: Tensor, out: Tensor, y: Tensor, rule: str, block: EnergyBlock) -> Tensor:
+    """Per-sample weights w with delta = w * (out - y): what the loss's reduction did to the
+    squared-error cost 1/2 ||out - y||^2. Raises if delta is not of that form."""
+    e = (out - y).flatten(1)
+    d = delta.flatten(1).to(e.dtype)
+    ee = (e * e).sum(1)
+    tiny = torch.finfo(e.dtype).tiny
+    w = torch.where(ee > tiny, (d * e).sum(1) / ee.clamp_min(tiny), torch.zeros_like(ee))
+    resid = torch.linalg.vector_norm(d - w[:, None] * e, dim=1)
+    scale = torch.linalg.vector_norm(d, dim=1).amax().clamp_min(tiny)
+    if bool((resid > 1e-3 * scale).any()):
+        raise ValueError(f"{rule} ({block.block_name}): the error current dl/ds_L is not proportional to s_L - y; "
+                         f"this rule needs the loss to be the squared error 1/2 ||s_L - y||^2 (summed per sample, "
+                         f"any reduction) of the block's output against the target given to its forward")
+    return w
+
+
+# ---------------------------------------------------------------------------------------
+# The contract
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
 class Estimator:
-    """Base class: `attach(block, u, free_state) -> output` with the right backward."""
+    """Base of all estimators: frozen settings, validated once in `__post_init__`.
 
-    name = "estimator"
+    `applies_to` says which modules can use it: 'block' (energy-based blocks) and/or
+    'sequence' (Hamiltonian units).
+    """
 
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        raise NotImplementedError
+    name: ClassVar[str] = "estimator"
+    applies_to: ClassVar[tuple[str, ...]] = ("block",)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        pass
+        """Raise a ValueError naming the estimator and the setting for an invalid one."""
+
+    def check_applicable(self, kind: str, owner: str) -> None:
+        """Raise if this estimator cannot compute the backward of a module of `kind`."""
+        if kind not in self.applies_to:
+            what = {"block": "an energy-based block", "sequence": "a Hamiltonian unit"}.get(kind, kind)
+            raise ValueError(f"{owner}: estimator {self.name!r} does not apply to {what}")
+
+    def replace(self, **settings: Any) -> Estimator:
+        """A copy with some settings changed (validated)."""
+        return replace(self, **settings)
+
+    def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
+               record: RelaxRecord | None = None) -> Tensor:
+        """The block's output s*_L, wired so that autograd's backward runs this estimator."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be attached to an energy-based block")
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """Two states of a block whose parameter derivatives of Phi, contrasted, estimate the
+    gradient:  dl/dtheta = -sum_b w_b (dPhi_b/dtheta(first) - dPhi_b/dtheta(second)) / denom,
+    dl/du = -w (s_1(first) - s_1(second)) / denom.  `stats` holds the phases that were run."""
+
+    first: State
+    second: State
+    denom: float
+    weights: Tensor  # per-sample weights, shape (batch,) or ()
+    stats: dict[str, RelaxStats]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ContrastEstimator(Estimator):
     """An estimator that contrasts two states of the block (EP and the energy-based rules).
 
-    `contrast(block, u, free_state, delta)` returns (first, second, denom, weights); the
-    backward then gives
-        dl/dtheta = -sum_b w_b (dPhi_b/dtheta(first) - dPhi_b/dtheta(second)) / denom
-        dl/du     = -w (s_1(first) - s_1(second)) / denom
-    with per-sample weights w of shape (batch,) or ().
-
-    With a 16-bit `relax_dtype` on the block, `precision` says how the second phases run
-    (see eqprop.precision; 'deviation' keeps the differences float32-accurate) and
-    `refine` re-relaxes the 16-bit free state that many steps the same way first.
+    Subclasses give `contrast`. With a 16-bit `relax_dtype` on the block, `precision` says
+    how the second phases run (see eqprop.precision; 'deviation' keeps the differences
+    float32-accurate) and `refine` re-relaxes the 16-bit free state that many steps the same
+    way first (that refined state is the block's output).
     """
 
+    T2: int = 20
+    tol: float | None = None
     precision: str = "deviation"
-    refine: int = 0
+    refine: int = 10
+    needs_target: ClassVar[bool] = False
 
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        self.validate()
+    def validate(self) -> None:
+        check_positive_int(self.name, "T2", self.T2)
+        check_tol(self.name, self.tol)
+        check_precision(self.name, self.precision)
+        check_nonnegative_int(self.name, "refine", self.refine)
+
+    def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
+               record: RelaxRecord | None = None) -> Tensor:
+        record = {} if record is None else record
+        if target is None and self.needs_target:
+            raise ValueError(f"{self.name} ({block.block_name}): no target given; {self.name} is only defined for "
+                             f"a block that holds the output layer: call model(x, target=y) or wrap the forward "
+                             f"in `with eqprop.targets(model, y): ...`")
         if self.refine and self.precision != "block" and low_dtype(block, u) is not None:
             # bring the 16-bit free state to the precision of the second phases first
-            s, block.stats["refine"] = relax_with_precision(block, u.detach(), s, self.refine, None,
-                                                            precision=self.precision)
-            block.free_state = s
-        return _ContrastFunction.apply(u, block, self, s, *_block_params(block))
+            s, record["refine"] = relax_with_precision(block, u.detach(), s, self.refine, None,
+                                                       precision=self.precision)
+        return _ContrastFunction.apply(u, block, self, s, target, record, *block_parameters(block))
 
-    def reference(self, block: EnergyBlock, u: Tensor, s: State, T: int, tol: float | None) -> State:
+    def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None) -> Contrast:
+        """The two states for the error current `delta` = dl/ds_L (and the target, if any)."""
+        raise NotImplementedError
+
+    # ---- helpers for subclasses --------------------------------------------------------
+    def relax(self, block: EnergyBlock, u: Tensor, s: State, **kw: Any) -> tuple[State, RelaxStats]:
+        """A second phase from s (T2 steps, tolerance tol) under this estimator's precision."""
+        return relax_with_precision(block, u, s, self.T2, self.tol, precision=self.precision, **kw)
+
+    def reference(self, block: EnergyBlock, u: Tensor, s: State, stats: dict[str, RelaxStats]) -> State:
         """The unperturbed state a one-sided contrast uses: s* itself, or, when the second
         phases run in another precision than the free phase, s* relaxed the same way."""
         if low_dtype(block, u) is None or self.precision == "block":
             return s
-        s, block.stats["reference"] = relax_with_precision(block, u, s, T, tol, precision=self.precision)
+        s, stats["reference"] = self.relax(block, u, s)
         return s
 
-    def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor
-                 ) -> tuple[State, State, float, Tensor]:
-        raise NotImplementedError
+    def target_and_weights(self, block: EnergyBlock, s: State, delta: Tensor, target: Tensor
+                           ) -> tuple[Tensor, Tensor]:
+        """(y shaped like s_L, per-sample loss weights w with delta = w (s_L - y))."""
+        y = target_like(block, target, s[-1], self.name)
+        return y, loss_weights(delta, s[-1], y, self.name, block)
 
 
 class _ContrastFunction(torch.autograd.Function):
     """Forward: the free equilibrium's last layer. Backward: the estimator's two states."""
 
     @staticmethod
-    def forward(ctx, u, block, est, s, *params):
-        ctx.block, ctx.est = block, est
+    def forward(ctx, u, block, est, s, target, record, *params):
+        ctx.block, ctx.est, ctx.target, ctx.record = block, est, target, record
         ctx.save_for_backward(u, *s)
         return s[-1].clone()
 
@@ -112,112 +233,107 @@ class _ContrastFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         u, *s = ctx.saved_tensors
         block, est = ctx.block, ctx.est
-        first, second, denom, w = est.contrast(block, u, s, grad_out)
+        c = est.contrast(block, u, s, grad_out, ctx.target)
+        ctx.record.update(c.stats)
         grad_u = None
         if ctx.needs_input_grad[0]:
             # dPhi/du = s_1, so dl/du ~ -(s_1(first) - s_1(second)) / denom
-            grad_u = -(first[0] - second[0]) * (_like(w, u) / denom)
-        params = _block_params(block)
+            grad_u = -(c.first[0] - c.second[0]) * (per_sample(c.weights, u) / c.denom)
+        params = block_parameters(block)
         grads = [None] * len(params)
         if params:
-            weights = (-w / denom).to(u.dtype).expand(u.shape[0])
+            weights = (-c.weights / c.denom).to(u.dtype).expand(u.shape[0])
             with torch.enable_grad():
-                diff = block.phi(first, u) - block.phi(second, u)
+                diff = block.phi(c.first, u) - block.phi(c.second, u)
                 grads = torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True)
-        return (grad_u, None, None, None, *grads)
+        return (grad_u, None, None, None, None, None, *grads)
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------
+# EP, ID, BPTT, RHEL
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
 class EP(ContrastEstimator):
-    """Equilibrium Propagation (SPEC §3).
+    """Equilibrium Propagation.
 
     beta:      nudging strength (> 0)
-    variant:   'centered' (+beta and -beta, O(beta^2) bias), 'positive' or 'negative'
+    variant:   'centered' (+beta and -beta, O(beta^2) bias), 'positive' (+beta against s*)
+               or 'negative' (s* against -beta), both O(beta) bias
     T2:        iterations of each nudged phase (the cap when tol is set)
     tol:       stop a nudged phase earlier at this relative change (None: run T2)
     normalize: how the error current is normalised before nudging ('sample', 'batch', 'none')
     precision, refine: second phases of a block with a 16-bit relax_dtype (ContrastEstimator)
+
+    Nudging: with a target (the block holds the output layer, see eqprop.targets), the cost
+    C = 1/2 ||s_L - y||^2 nudges with -beta (s_L - y), re-evaluated at every step; without
+    one, with the normalised error current -beta delta/|delta| that autograd delivers.
     """
 
     beta: float = 0.2
     variant: str = "centered"
-    T2: int = 20
-    tol: float | None = None
     normalize: str = "sample"
-    precision: str = "deviation"
-    refine: int = 10
-    name = "ep"
-
-    def __post_init__(self):
-        self.validate()
+    name: ClassVar[str] = "ep"
 
     def validate(self) -> None:
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError(f"EP: beta must be a positive number, got {self.beta!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"EP: unknown variant {self.variant!r}, expected one of {VARIANTS}")
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"EP: unknown normalize {self.normalize!r}, expected one of {NORMALIZE}")
-        _check_positive_int("EP", "T2", self.T2)
-        _check_tol("EP", self.tol)
-        check_precision("EP", self.precision)
-        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
-            raise ValueError(f"EP: refine must be a non-negative integer, got {self.refine!r}")
+        check_positive(self.name, "beta", self.beta)
+        check_choice(self.name, "variant", self.variant, VARIANTS)
+        check_choice(self.name, "normalize", self.normalize, NORMALIZE)
+        super().validate()
 
-    def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor):
-        """Nudged equilibria for the error current `delta` = dl/ds_L, normalised to
-        delta / scale; returns (first, second, denom, scale) (see ContrastEstimator)."""
-        scale = error_scale(delta, self.normalize)
-        c = _like(scale, delta)
-        delta_hat = torch.where(c > 0, delta / c.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
-        if self.variant == "centered":
-            first = second = None
+    def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None) -> Contrast:
+        stats: dict[str, RelaxStats] = {}
+        if target is not None:
+            y, w = self.target_and_weights(block, s, delta, target)
+
+            def nudge(sign: int):
+                beta = sign * self.beta
+                return lambda sl: -beta * (sl - y)
         else:
-            first = second = self.reference(block, u, s, self.T2, self.tol)
-        if self.variant in ("centered", "positive"):
-            first, block.stats["nudged+"] = relax_with_precision(block, u, s, self.T2, self.tol,
-                                                                 nudge=-self.beta * delta_hat, precision=self.precision)
-        if self.variant in ("centered", "negative"):
-            second, block.stats["nudged-"] = relax_with_precision(block, u, s, self.T2, self.tol,
-                                                                  nudge=self.beta * delta_hat, precision=self.precision)
-        denom = 2 * self.beta if self.variant == "centered" else self.beta
-        return first, second, denom, scale
+            delta_hat, w = normalized_current(delta, self.normalize)
+
+            def nudge(sign: int):
+                return -sign * self.beta * delta_hat
+
+        def nudged(sign: int) -> State:
+            state, stats["nudged+" if sign > 0 else "nudged-"] = self.relax(block, u, s, nudge=nudge(sign))
+            return state
+
+        if self.variant == "centered":
+            return Contrast(nudged(1), nudged(-1), 2 * self.beta, w, stats)
+        ref = self.reference(block, u, s, stats)
+        if self.variant == "positive":
+            return Contrast(nudged(1), ref, self.beta, w, stats)
+        return Contrast(ref, nudged(-1), self.beta, w, stats)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ID(Estimator):
-    """Implicit differentiation (recurrent backprop) at the free equilibrium (SPEC §4).
+    """Implicit differentiation (recurrent backprop) at the free equilibrium.
 
     Solves lambda = J^T lambda + delta by fixed-point iteration (at most `max_iter`
-    steps, stopping at relative change `tol`), then dl/dtheta = lambda^T df/dtheta.
+    steps, stopping at relative change `tol`), then dl/dtheta = lambda^T df/dtheta, with f
+    the block's synchronous fixed-point map.
     """
 
     max_iter: int = 200
     tol: float | None = 1e-6
-    name = "id"
-
-    def __post_init__(self):
-        self.validate()
+    name: ClassVar[str] = "id"
 
     def validate(self) -> None:
-        _check_positive_int("ID", "max_iter", self.max_iter)
-        _check_tol("ID", self.tol)
+        check_positive_int(self.name, "max_iter", self.max_iter)
+        check_tol(self.name, self.tol)
 
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        self.validate()
-        return _IDFunction.apply(u, block, self, s, *_block_params(block))
-
-
-def sync_map(block: EnergyBlock, s: State, u: Tensor, nudge: Tensor | None = None) -> State:
-    """f(s) = sigma(dPhi/ds) for all layers at once: the map whose fixed point is s*."""
-    pre = block.preactivations(s, u, list(range(len(s))), nudge)
-    return [block.activations[l](pre[l]) for l in range(len(s))]
+    def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
+               record: RelaxRecord | None = None) -> Tensor:
+        record = {} if record is None else record
+        return _IDFunction.apply(u, block, self, s, record, *block_parameters(block))
 
 
 class _IDFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, block, est, s, *params):
-        ctx.block, ctx.est = block, est
+    def forward(ctx, u, block, est, s, record, *params):
+        ctx.block, ctx.est, ctx.record = block, est, record
         ctx.save_for_backward(u, *s)
         return s[-1].clone()
 
@@ -225,11 +341,11 @@ class _IDFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         u, *s = ctx.saved_tensors
         block, est = ctx.block, ctx.est
-        params = _block_params(block)
+        params = block_parameters(block)
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in s]
             u_in = u.detach().requires_grad_(ctx.needs_input_grad[0])
-            f = sync_map(block, leaves, u_in)
+            f = block.fixed_point_map(leaves, u_in)
             # Layers whose map does not depend on the states (e.g. one layer) get zero vjp.
             delta = [torch.zeros_like(x) for x in s[:-1]] + [grad_out]
             lam = [d.clone() for d in delta]
@@ -243,29 +359,40 @@ class _IDFunction(torch.autograd.Function):
                 lam = new
             inputs = ([u_in] if ctx.needs_input_grad[0] else []) + params
             grads = torch.autograd.grad(f, inputs, grad_outputs=lam, allow_unused=True) if inputs else []
-        block.stats["adjoint"] = RelaxStats(iters, float("nan"), converged)
+        ctx.record["adjoint"] = RelaxStats(iters, float("nan"), converged)
         grads = list(grads)
         grad_u = grads.pop(0) if ctx.needs_input_grad[0] else None
-        return (grad_u, None, None, None, *grads)
+        return (grad_u, None, None, None, None, *grads)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class BPTT(Estimator):
-    """Backprop through T2 steps run with autograd from the free equilibrium (SPEC §4).
+    """Backpropagation through time.
 
-    Memory grows with T2 (the unrolled steps are stored)."""
+    Energy-based block: T2 steps run with autograd from the free equilibrium (memory grows
+    with T2). Hamiltonian unit: autograd through every time step; T2 must then be None (the
+    sequence sets the number of steps).
+    """
 
-    T2: int = 20
-    name = "bptt"
-
-    def __post_init__(self):
-        self.validate()
+    T2: int | None = 20
+    name: ClassVar[str] = "bptt"
+    applies_to: ClassVar[tuple[str, ...]] = ("block", "sequence")
 
     def validate(self) -> None:
-        _check_positive_int("BPTT", "T2", self.T2)
+        check_positive_int(self.name, "T2", self.T2, allow_none=True)
 
-    def attach(self, block: EnergyBlock, u: Tensor, s: State) -> Tensor:
-        self.validate()
+    def check_applicable(self, kind: str, owner: str) -> None:
+        super().check_applicable(kind, owner)
+        if kind == "block" and self.T2 is None:
+            raise ValueError(f"{owner}: bptt on an energy-based block needs T2, the steps unrolled from the "
+                             f"free equilibrium (got None)")
+        if kind == "sequence" and self.T2 is not None:
+            raise ValueError(f"{owner}: bptt on a Hamiltonian unit runs through every time step and takes no T2 "
+                             f"(got T2={self.T2!r}); set it to None (null in a config)")
+
+    def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
+               record: RelaxRecord | None = None) -> Tensor:
+        self.check_applicable("block", block.block_name)
         if not torch.is_grad_enabled():
             return s[-1]
         s = [x.detach() for x in s]
@@ -275,20 +402,21 @@ class BPTT(Estimator):
         return s[-1]
 
 
-ESTIMATORS = {"ep": EP, "id": ID, "bptt": BPTT}
+@dataclass(frozen=True, kw_only=True)
+class RHEL(Estimator):
+    """Recurrent Hamiltonian Echo Learning, the backward of a Hamiltonian unit
+    (eqprop.hamiltonian): the echo of the time-reversed dynamics, nudged by +-eps.
 
+    eps:       nudging strength (> 0), relative to the per-sample error norm when
+               normalize='sample' (the default), as for EP
+    normalize: 'sample', 'batch' or 'none'
+    """
 
-def make_estimator(name: str | Estimator, **kwargs) -> Estimator:
-    """Build an estimator from its name ('ep', 'id', 'bptt') and settings."""
-    if isinstance(name, Estimator):
-        if kwargs:
-            raise ValueError(f"make_estimator: settings {sorted(kwargs)} given with an estimator instance")
-        return name
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}, expected one of {sorted(ESTIMATORS)}")
-    cls = ESTIMATORS[name]
-    allowed = set(cls.__dataclass_fields__)
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ValueError(f"estimator {name!r} has no setting(s) {sorted(unknown)}; it takes {sorted(allowed)}")
-    return cls(**kwargs)
+    eps: float = 1e-2
+    normalize: str = "sample"
+    name: ClassVar[str] = "rhel"
+    applies_to: ClassVar[tuple[str, ...]] = ("sequence",)
+
+    def validate(self) -> None:
+        check_positive(self.name, "eps", self.eps)
+        check_choice(self.name, "normalize", self.normalize, NORMALIZE)

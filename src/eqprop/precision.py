@@ -7,29 +7,30 @@ runs a phase in one of three ways:
   'deviation': relax s = s_ref + d with the state kept in the input's dtype (float32);
       every coupling is applied to the deviation d = s - s_ref in the block's 16-bit
       `relax_dtype` and added to its full-precision value at s_ref (computed once per
-      phase), so rounding errors scale with |d|, not |s|. Needs a `HopfieldBlock` of
-      dense/conv couplings; other blocks fall back to 'full'.
+      phase), so rounding errors scale with |d|, not |s|. Needs a `HopfieldBlock` (its
+      couplings give their linear parts); other blocks fall back to 'full'.
   'full':  the phase in the input's dtype, from the 16-bit free state.
   'block': the phase like the free phase (16-bit states under autocast).
 Without a `relax_dtype` all three are the block's ordinary relaxation.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import EnergyBlock, HopfieldBlock, RelaxStats, State, _check_positive_int, _check_tol
-from .couplings import ConvCoupling, DenseCoupling
+from .blocks import EnergyBlock, HopfieldBlock, RelaxStats, State
+from .validate import check_choice, check_positive_int, check_tol
+
+__all__ = ["PRECISIONS", "check_precision", "low_dtype", "supports_deviation", "DeviationStepper",
+           "relax_with_precision"]
 
 PRECISIONS = ("deviation", "full", "block")
 
 
-def check_precision(owner: str, precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"{owner}: precision must be one of {PRECISIONS}, got {precision!r}")
+def check_precision(owner: str, precision: object) -> None:
+    check_choice(owner, "precision", precision, PRECISIONS)
 
 
 def low_dtype(block: EnergyBlock, u: Tensor) -> torch.dtype | None:
@@ -38,81 +39,54 @@ def low_dtype(block: EnergyBlock, u: Tensor) -> torch.dtype | None:
 
 
 def supports_deviation(block: EnergyBlock) -> bool:
-    return isinstance(block, HopfieldBlock) and all(type(c) in (DenseCoupling, ConvCoupling) for c in block.couplings)
+    """Deviation stepping needs the analytical step of a `HopfieldBlock` (any couplings)."""
+    return isinstance(block, HopfieldBlock)
 
 
 class DeviationStepper:
     """Fixed-point steps of a HopfieldBlock at s = ref + d, states in float32 (the input's
-    dtype), couplings applied to d in the low dtype and added to their values at ref."""
+    dtype), each coupling's linear part applied to d in the low dtype and added to its
+    value at ref; routing (max-pooling) and bias act on the full pre-activation."""
 
     def __init__(self, block: HopfieldBlock, u: Tensor, ref: State, low: torch.dtype):
         self.block, self.u, self.ref, self.low = block, u, ref, low
         self.scaled = low == torch.float16  # keep small deviations out of float16's subnormal range
-        self.w, self.fwd_ref, self.adj_ref, self.unpool_ref = [], [], [], []
+        self.w, self.lin_ref, self.adj_ref, self.back_ref = [], [], [], []
         with torch.no_grad():
             for l, c in enumerate(block.couplings):
-                if isinstance(c, DenseCoupling):
-                    self.w.append(c.linear.weight.to(low))
-                    self.fwd_ref.append(c.linear(ref[l].flatten(1)))
-                    self.adj_ref.append((ref[l + 1] @ c.linear.weight).view(ref[l].shape))
-                    self.unpool_ref.append(None)
-                else:
-                    conv = c.conv
-                    self.w.append(conv.weight.to(low))
-                    z = F.conv2d(ref[l], conv.weight, None, padding=conv.padding)
-                    if c.pool:
-                        _, idx = F.max_pool2d(z, 2, 2, return_indices=True)
-                        y = F.max_unpool2d(ref[l + 1], idx, 2, 2, output_size=z.shape[-2:])
-                        self.fwd_ref.append(z)
-                        self.unpool_ref.append(y)
-                    else:
-                        self.fwd_ref.append(z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1))
-                        self.unpool_ref.append(None)
-                        y = ref[l + 1]
-                    self.adj_ref.append(F.conv_transpose2d(y, conv.weight, None, padding=conv.padding))
-
-    def _low(self, d: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not self.scaled:
-            return d.to(self.low), None
-        k = d.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
-        return (d * k).to(self.low), k
+                self.w.append(c.weight.to(low))
+                z = c.linear_map(ref[l])
+                self.lin_ref.append(z)
+                _, aux = c.route(z)
+                y = c.route_adjoint(ref[l + 1], aux, z.shape)  # route^T at the reference's routing
+                self.back_ref.append(y)
+                self.adj_ref.append(c.linear_adjoint(y, ref[l].shape))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], d: Tensor) -> Tensor:
-        x, k = self._low(d)
-        out = fn(x).to(d.dtype)
-        return out if k is None else out / k
+        if not self.scaled:
+            return fn(d.to(self.low)).to(d.dtype)
+        k = d.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
+        return fn((d * k).to(self.low)).to(d.dtype) / k
 
     def _forward(self, s: State, l: int, cache: dict) -> tuple[Tensor, object]:
         hit = cache.get(l)
         if hit is not None and hit[0] is s[l]:
             return hit[1]
-        c, w, ref = self.block.couplings[l], self.w[l], self.ref[l]
-        d = s[l] - ref
-        if isinstance(c, DenseCoupling):
-            out = (self.fwd_ref[l] + self._apply(lambda x: x.flatten(1) @ w.t(), d), None)
-        else:
-            z = self.fwd_ref[l] + self._apply(lambda x: F.conv2d(x, w, None, padding=c.conv.padding), d)
-            if c.pool:
-                p, idx = F.max_pool2d(z, 2, 2, return_indices=True)
-                if c.conv.bias is not None:
-                    p = p + c.conv.bias.view(1, -1, 1, 1)
-                out = (p, (idx, z.shape))
-            else:
-                out = (z, None)
+        c, w = self.block.couplings[l], self.w[l]
+        z = self.lin_ref[l] + self._apply(lambda x: c.linear_map(x, w), s[l] - self.ref[l])
+        y, aux = c.route(z)
+        out = (c.add_bias(y), (aux, z.shape))
         cache[l] = (s[l], out)
         return out
 
     def _adjoint(self, s: State, l: int, cache: dict) -> Tensor:
         c, w = self.block.couplings[l], self.w[l]
-        if isinstance(c, DenseCoupling):
-            d = s[l + 1] - self.ref[l + 1]
-            return self.adj_ref[l] + self._apply(lambda x: x @ w, d).view(s[l].shape)
-        if c.pool:
-            idx, z_shape = self._forward(s, l, cache)[1]
-            d = F.max_unpool2d(s[l + 1], idx, 2, 2, output_size=z_shape[-2:]) - self.unpool_ref[l]
+        if c.routed:
+            aux, z_shape = self._forward(s, l, cache)[1]
+            d = c.route_adjoint(s[l + 1], aux, z_shape) - self.back_ref[l]
         else:
-            d = s[l + 1] - self.ref[l + 1]
-        return self.adj_ref[l] + self._apply(lambda x: F.conv_transpose2d(x, w, None, padding=c.conv.padding), d)
+            d = s[l + 1] - self.back_ref[l]
+        return self.adj_ref[l] + self._apply(lambda x: c.linear_adjoint(x, s[l].shape, w), d)
 
     def preactivations(self, s: State, u: Tensor, layers, nudge: Tensor | None = None, cache: dict | None = None
                        ) -> dict[int, Tensor]:
@@ -130,7 +104,6 @@ class DeviationStepper:
         return out
 
 
-
 def relax_with_precision(block: EnergyBlock, u: Tensor, s0: State, T: int, tol: float | None, *,
                          nudge: Tensor | Callable[[Tensor], Tensor] | None = None, clamp: Tensor | None = None,
                          precision: str = "deviation") -> tuple[State, RelaxStats]:
@@ -140,8 +113,8 @@ def relax_with_precision(block: EnergyBlock, u: Tensor, s0: State, T: int, tol: 
     clamp: hold the last layer at this value (it does not relax).
     """
     check_precision(block.block_name, precision)
-    _check_positive_int(block.block_name, "T", T)
-    _check_tol(block.block_name, tol)
+    check_positive_int(block.block_name, "T", T)
+    check_tol(block.block_name, tol)
     s = [x.detach() for x in s0]
     if clamp is not None:
         s[-1] = clamp

@@ -1,4 +1,4 @@
-"""Hamiltonian state-space models (HSSM, SPEC §9): HRU blocks tied by digital parts.
+"""Hamiltonian state-space models (HSSM): HRU blocks tied by digital parts (docs/theory.md).
 
     x -> Linear encoder -> N x [ h + Dropout(GLU(Dropout(act(HRU(LayerNorm(h)))))) ]
       -> mean over time or last step -> Linear readout
@@ -8,9 +8,17 @@ Autograd backpropagates through the digital parts; each HRU's backward is RHEL o
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
 from torch import Tensor, nn
 
+from ..estimators import Estimator
+from ..registry import set_estimator
 from .units import HRU, check_sequence, make_hru
+
+__all__ = ["HSSM", "HSSMBlock", "build_hssm", "ACTIVATIONS", "READOUTS"]
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
 READOUTS = ("mean", "last")
@@ -40,8 +48,9 @@ class HSSM(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 64, state_size: int = 64,
                  n_blocks: int = 2, unit: str = "linear", readout: str = "mean", dropout: float = 0.0,
-                 activation: str = "gelu", estimator: str = "rhel", eps: float = 1e-2, normalize: str = "sample",
-                 scan: str = "loop", dt_min: float = 0.01, dt_max: float = 0.1):
+                 activation: str = "gelu", estimator: str | Estimator = "rhel",
+                 estimator_settings: dict | None = None, scan: str = "loop", dt_min: float = 0.01,
+                 dt_max: float = 0.1):
         super().__init__()
         for name, v in (("in_features", in_features), ("num_classes", num_classes), ("hidden", hidden),
                         ("state_size", state_size), ("n_blocks", n_blocks)):
@@ -54,24 +63,20 @@ class HSSM(nn.Module):
         self.in_features, self.readout = in_features, readout
         self.encoder = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(
-            HSSMBlock(hidden, state_size, unit, activation, dropout, estimator=estimator, eps=eps,
-                      normalize=normalize, scan=scan, dt_min=dt_min, dt_max=dt_max) for _ in range(n_blocks))
+            HSSMBlock(hidden, state_size, unit, activation, dropout, estimator=estimator,
+                      estimator_settings=estimator_settings, scan=scan, dt_min=dt_min, dt_max=dt_max)
+            for _ in range(n_blocks))
         self.head = nn.Linear(hidden, num_classes)
 
     @property
     def hrus(self) -> list[HRU]:
         return [b.hru for b in self.blocks]
 
-    def set_estimator(self, name: str, eps: float | None = None, normalize: str | None = None,
-                      T2: int | None = None) -> "HSSM":
-        """'rhel' or 'bptt' for every HRU; parameters untouched. BPTT here always runs
-        through every time step: T2 (the truncation of the energy-based blocks' BPTT) must
-        be None."""
-        if T2 is not None:
-            raise ValueError(f"HSSM: BPTT runs through every time step and takes no T2 (got T2={T2!r}); "
-                             f"set it to null")
-        for hru in self.hrus:
-            hru.set_estimator(name, eps=eps, normalize=normalize)
+    def set_estimator(self, estimator: str | Estimator, blocks: Iterable[int] | None = None,
+                      **settings: Any) -> HSSM:
+        """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt' (T2=None: BPTT here runs
+        through every time step) for every HRU or the given indices; parameters untouched."""
+        set_estimator(self, estimator, blocks, **settings)
         return self
 
     def set_scan(self, scan: str) -> "HSSM":
@@ -90,9 +95,7 @@ class HSSM(nn.Module):
 def build_hssm(**settings) -> HSSM:
     """An HSSM from a config's model settings (in_features, num_classes, hidden, state_size,
     n_blocks, unit linear|nonlinear, readout mean|last, dropout, activation, estimator
-    rhel|bptt, eps, normalize, scan loop|parallel, dt_min, dt_max)."""
-    import inspect
-
+    rhel|bptt, estimator_settings, scan loop|parallel, dt_min, dt_max)."""
     allowed = set(inspect.signature(HSSM.__init__).parameters) - {"self"}
     unknown = set(settings) - allowed
     if unknown:

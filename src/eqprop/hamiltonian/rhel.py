@@ -1,4 +1,4 @@
-"""Recurrent Hamiltonian Echo Learning (RHEL, SPEC §9) as the backward pass of an HRU.
+"""Recurrent Hamiltonian Echo Learning (RHEL) as the backward pass of an HRU (docs/theory.md).
 
 Forward: the leapfrog trajectory without autograd, keeping only the outputs
 o_t = C y_t + D u_t and the final state. Backward: flip the final momentum,
@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .units import HRU
+from torch import nn
+
+from ..estimators import RHEL
+
+__all__ = ["EchoResult", "reverse", "echo", "echo_error_scale", "natural_to_raw", "rhel_readout"]
+
+HRU = nn.Module  # an eqprop.hamiltonian.units.HRU (this module sits below it)
 
 
 @dataclass
@@ -57,7 +63,7 @@ def reverse(unit: HRU, u: Tensor, yL: Tensor, zL: Tensor) -> tuple[Tensor, Tenso
         return y, -z
 
 
-def error_scale(g_out: Tensor, C: Tensor, normalize: str) -> Tensor:
+def echo_error_scale(g_out: Tensor, C: Tensor, normalize: str) -> Tensor:
     """Norm of dl/dy = C^T dl/do per sample ('sample', shape (batch,)), its batch mean
     ('batch') or 1 ('none'), computed without forming dl/dy over the whole sequence."""
     if normalize == "none":
@@ -73,7 +79,7 @@ def echo(unit: HRU, u: Tensor, yL: Tensor, zL: Tensor, g_out: Tensor, eps: float
     with torch.no_grad():
         nat = {k: v.detach() for k, v in unit.natural().items()}
         dt, B, C, D = nat["dt"], nat["B"], unit.C.detach(), unit.D.detach()
-        scale = error_scale(g_out, C, normalize)  # the nudge is eps * (C^T g_out) / scale
+        scale = echo_error_scale(g_out, C, normalize)  # the nudge is eps * (C^T g_out) / scale
         col = scale.view(-1, 1) if scale.dim() else scale
         denom = col.clamp_min(torch.finfo(g_out.dtype).tiny)
         sign = torch.tensor([1.0, -1.0], dtype=u.dtype, device=u.device).view(2, 1, 1)
@@ -121,26 +127,28 @@ def natural_to_raw(unit: HRU, natural_grads: dict[str, Tensor]) -> list[Tensor |
 
 class _RHELFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, y0, z0, unit, *params):
+    def forward(ctx, u, y0, z0, unit, est, *params):
         with torch.no_grad():
             out, yL, zL = unit.trajectory(u, y0, z0, readout=True)
-        ctx.unit = unit
+        ctx.unit, ctx.est = unit, est
         ctx.save_for_backward(u, yL, zL)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
         u, yL, zL = ctx.saved_tensors
-        unit = ctx.unit
-        res = echo(unit, u, yL, zL, g_out, unit.eps, unit.normalize, need_u=ctx.needs_input_grad[0])
-        n = len(ctx.needs_input_grad) - 6  # Hamiltonian parameters, then C and D
-        raw = natural_to_raw(unit, res.natural_grads) if any(ctx.needs_input_grad[4:4 + n]) else [None] * n
-        return (res.grad_u, res.grad_y0, res.grad_z0, None, *raw, res.grad_C, res.grad_D)
+        unit, est = ctx.unit, ctx.est
+        res = echo(unit, u, yL, zL, g_out, est.eps, est.normalize, need_u=ctx.needs_input_grad[0])
+        n = len(ctx.needs_input_grad) - 7  # Hamiltonian parameters, then C and D
+        raw = natural_to_raw(unit, res.natural_grads) if any(ctx.needs_input_grad[5:5 + n]) else [None] * n
+        return (res.grad_u, res.grad_y0, res.grad_z0, None, None, *raw, res.grad_C, res.grad_D)
 
 
-def rhel_readout(unit: HRU, u: Tensor, y0: Tensor | None = None, z0: Tensor | None = None) -> Tensor:
+def rhel_readout(unit: HRU, u: Tensor, y0: Tensor | None = None, z0: Tensor | None = None,
+                 estimator: RHEL | None = None) -> Tensor:
     """The unit's outputs C y_t + D u_t (batch, L, H) from (y0, z0) (zeros when None), with
-    RHEL as their backward."""
+    RHEL (`estimator`'s eps and normalize; the defaults when None) as their backward."""
+    estimator = RHEL() if estimator is None else estimator
     y0 = u.new_zeros(u.shape[0], unit.state_size) if y0 is None else y0
     z0 = torch.zeros_like(y0) if z0 is None else z0
-    return _RHELFunction.apply(u, y0, z0, unit, *unit.hamiltonian_parameters(), unit.C, unit.D)
+    return _RHELFunction.apply(u, y0, z0, unit, estimator, *unit.hamiltonian_parameters(), unit.C, unit.D)

@@ -1,4 +1,4 @@
-"""Hamiltonian recurrent units (HRUs, SPEC §9).
+"""Hamiltonian recurrent units (HRUs, docs/theory.md).
 
 An HRU is a bank of P independent one-dimensional oscillators (position y, momentum z)
 driven by the input sequence u_1..u_L (features H) through B (P x H), with per-channel
@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import DivergenceError
+from ..estimators import RHEL, Estimator
+from ..registry import set_estimator
+from .rhel import rhel_readout
 
-ESTIMATORS = ("rhel", "bptt")
-NORMALIZE = ("sample", "batch", "none")
+__all__ = ["HRU", "LinearHRU", "NonlinearHRU", "make_hru", "check_sequence", "UNITS", "SCANS"]
+
 SCANS = ("loop", "parallel")
 
 
@@ -53,18 +56,20 @@ def _logcosh(a: Tensor) -> Tensor:
 class HRU(nn.Module):
     """Base Hamiltonian recurrent unit: (batch, time, H) -> (batch, time, H).
 
-    estimator: 'rhel' (backward by the echo, nothing of the trajectory stored) or 'bptt'
-               (autograd through the steps); switch with `set_estimator`.
-    eps:       RHEL nudging strength (> 0), relative to the per-sample error norm when
-               normalize='sample' (the default), as for EP.
+    estimator: `RHEL` (backward by the echo, nothing of the trajectory stored; the
+               default) or `BPTT` with T2=None (autograd through the steps), an instance or
+               a registered name with `estimator_settings`; switch with `set_estimator`.
     scan:      'loop' (step by step) or 'parallel' (associative scan; linear unit only).
     dt_min, dt_max: dt = sigmoid(dt_raw) starts log-uniform in [dt_min, dt_max]. Small steps
                keep a driven nonlinear unit from amplifying perturbations exponentially
                over long sequences (which breaks BPTT and RHEL alike, see docs/sequences.md).
     """
 
-    def __init__(self, in_features: int, state_size: int, estimator: str = "rhel", eps: float = 1e-2,
-                 normalize: str = "sample", scan: str = "loop", dt_min: float = 0.01, dt_max: float = 0.1):
+    estimator_kind = "sequence"  # what eqprop.set_estimator checks an estimator against
+
+    def __init__(self, in_features: int, state_size: int, estimator: str | Estimator = "rhel",
+                 estimator_settings: dict | None = None, scan: str = "loop", dt_min: float = 0.01,
+                 dt_max: float = 0.1):
         super().__init__()
         for name, v in (("in_features", in_features), ("state_size", state_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -78,7 +83,8 @@ class HRU(nn.Module):
             raise ValueError(f"{type(self).__name__}: need 0 < dt_min <= dt_max < 1, got {dt_min!r}, {dt_max!r}")
         log_dt = math.log(dt_min) + (math.log(dt_max) - math.log(dt_min)) * torch.rand(P)
         self.dt_raw = nn.Parameter(torch.logit(log_dt.exp()))
-        self.set_estimator(estimator, eps=eps, normalize=normalize)
+        self.estimator: Estimator = RHEL()
+        self.set_estimator(estimator, **(estimator_settings or {}))
         self.set_scan(scan)
 
     # --- the potential (subclasses) -------------------------------------------------
@@ -99,17 +105,9 @@ class HRU(nn.Module):
         raise NotImplementedError
 
     # --- switches -------------------------------------------------------------------
-    def set_estimator(self, name: str, eps: float | None = None, normalize: str | None = None) -> "HRU":
-        """'rhel' or 'bptt'; eps and normalize keep their values when None."""
-        if name not in ESTIMATORS:
-            raise ValueError(f"{type(self).__name__}: unknown estimator {name!r}, expected one of {ESTIMATORS}")
-        eps = getattr(self, "eps", None) if eps is None else eps
-        normalize = getattr(self, "normalize", None) if normalize is None else normalize
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"{type(self).__name__}: eps must be a positive finite number, got {eps!r}")
-        if normalize not in NORMALIZE:
-            raise ValueError(f"{type(self).__name__}: unknown normalize {normalize!r}, expected one of {NORMALIZE}")
-        self.estimator, self.eps, self.normalize = name, float(eps), normalize
+    def set_estimator(self, estimator: str | Estimator, blocks=None, **settings) -> HRU:
+        """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt' (with T2=None)."""
+        set_estimator(self, estimator, blocks, **settings)
         return self
 
     def set_scan(self, scan: str) -> "HRU":
@@ -183,9 +181,8 @@ class HRU(nn.Module):
             # the echo must replay the forward's arithmetic exactly: run in the parameters' dtype
             with torch.autocast(u.device.type, enabled=False):
                 return self.forward(u.to(self.B.dtype))
-        if self.estimator == "rhel" and torch.is_grad_enabled():
-            from .rhel import rhel_readout
-            out = rhel_readout(self, u)
+        if isinstance(self.estimator, RHEL) and torch.is_grad_enabled():
+            out = rhel_readout(self, u, estimator=self.estimator)
         else:
             out = self.trajectory(u, readout=True)[0]
         if not bool(torch.isfinite(out[:, -1]).all()):
@@ -195,7 +192,7 @@ class HRU(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, state_size={self.state_size}, estimator={self.estimator!r}, "
-                f"eps={self.eps}, normalize={self.normalize!r}, scan={self.scan!r}")
+                f"scan={self.scan!r}")
 
 
 class LinearHRU(HRU):
