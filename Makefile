@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# hypothesis keeps its cache beside pytest's, which git ignores
+export HYPOTHESIS_STORAGE_DIRECTORY ?= .pytest_cache/hypothesis
 
 .PHONY: install demo lint test test-all fmnist bench clean
 

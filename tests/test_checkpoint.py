@@ -26,7 +26,9 @@ def assert_same_state(a: Trainer, b: Trainer):
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert oa and oa.keys() == ob.keys()  # both have taken steps, on the same parameters
     for i in oa:
+        assert oa[i].keys() == ob[i].keys(), i
         for k in oa[i]:
             assert torch.equal(torch.as_tensor(oa[i][k]), torch.as_tensor(ob[i][k])), (i, k)
 
@@ -48,6 +50,8 @@ def test_resume_after_one_epoch_is_bit_identical(tmp_path):
     assert torch.equal(rng_after_straight, torch.get_rng_state())
     assert s2["last"]["test_top1"] == summary["last"]["test_top1"]
     assert s2["last"]["train_loss"] == summary["last"]["train_loss"]
+    fresh = Trainer(cfg, TRAIN, TEST, echo=lambda _m: None).model.state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in straight.model.state_dict().items())  # it trained
 
 
 def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path):

@@ -1,7 +1,25 @@
-"""Named configs, the override syntax and its errors."""
-import pytest
+"""Named configs, the override syntax and its errors; properties of merging and overriding."""
+import copy
+import re
+import tempfile
+from pathlib import Path
 
-from eqprop.training.config import ConfigError, list_configs, load_config, parse_value
+import pytest
+import yaml
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from eqprop.training.config import (
+    DEFAULTS,
+    ConfigError,
+    apply_override,
+    list_configs,
+    load_config,
+    load_config_file,
+    merge,
+    parse_value,
+    to_yaml,
+)
 
 PUBLISHED = [f"cifar10_split_{m}{t}" for m in ("l6_1block", "l6_2blocks", "l6_3blocks", "l12_3blocks",
                                                 "l12_4blocks", "l12_6blocks") for t in ("", "_tol")]
@@ -21,11 +39,16 @@ def test_values_are_typed(text, value):
 
 
 def test_overrides_apply_dotted_keys():
+    plain = load_config("cifar10_split_l6_2blocks")
     cfg = load_config("cifar10_split_l6_2blocks", ["algorithm=id", "optim.lr=1e-4", "epochs=3",
                                                     "model.T1=7", "estimator.ep.beta=0.5"])
     assert (cfg["algorithm"], cfg["optim"]["lr"], cfg["epochs"], cfg["model"]["T1"]) == ("id", 1e-4, 3, 7)
-    assert cfg["estimator"]["ep"]["beta"] == 0.5 and cfg["estimator"]["ep"]["T2"] == 20
-    assert cfg["name"] == "cifar10_split_l6_2blocks"
+    assert type(cfg["optim"]["lr"]) is float and cfg["estimator"]["ep"]["beta"] == 0.5
+    # everything not overridden keeps the file's value, e.g. the sibling T2 of estimator.ep.beta
+    expected = copy.deepcopy(plain)
+    expected.update(algorithm="id", epochs=3)
+    expected["optim"]["lr"], expected["model"]["T1"], expected["estimator"]["ep"]["beta"] = 1e-4, 7, 0.5
+    assert cfg == expected and cfg["name"] == plain["name"] == "cifar10_split_l6_2blocks"
 
 
 def test_unknown_key_names_it_and_lists_valid_ones():
@@ -77,3 +100,174 @@ def test_config_file_path(tmp_path):
     p.write_text("epochz: 5\n")
     with pytest.raises(ConfigError, match="epochz"):
         load_config(str(p))
+
+
+# ------------------------------------------------------------------ properties of merging and overrides
+
+OPEN = ("model", "estimator", "dataset_options")  # sections that take new keys without '+'
+PROPERTY = settings(max_examples=50, deadline=None, database=None)
+
+keys = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True).filter(lambda k: k not in OPEN)
+
+
+def not_a_number(s: str) -> bool:
+    """parse_value reads a YAML string that Python takes as a float ("1e-4") as that float (documented)."""
+    try:
+        float(s)
+    except ValueError:
+        return True
+    return False
+
+
+scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
+           | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=8).filter(not_a_number))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
+                      max_leaves=8)
+configs = st.dictionaries(keys, values, min_size=1, max_size=5)
+
+
+def paths(cfg: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of nested mappings (sections and leaves), not descending into lists."""
+    out = []
+    for k, v in cfg.items():
+        p = f"{prefix}.{k}" if prefix else k
+        out.append(p)
+        if isinstance(v, dict):
+            out += paths(v, p)
+    return out
+
+
+def get(cfg: dict, path: str):
+    for part in path.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def put(cfg: dict, path: str, value) -> dict:
+    """A deep copy of cfg with `value` at `path` (sections created as needed)."""
+    out = copy.deepcopy(cfg)
+    *parents, last = path.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+def scribble(x) -> None:
+    """Change every list and mapping inside x in place (to show that a result shares nothing)."""
+    if isinstance(x, dict):
+        for v in x.values():
+            scribble(v)
+        x["scribbled"] = True
+    elif isinstance(x, list):
+        for v in x:
+            scribble(v)
+        x.append("scribbled")
+
+
+def ordered(x):
+    """x with every mapping as its list of items, so that == also compares the order of keys."""
+    if isinstance(x, dict):
+        return [(k, ordered(v)) for k, v in x.items()]
+    return [ordered(v) for v in x] if isinstance(x, list) else x
+
+
+def as_text(value) -> str:
+    """An override's right-hand side that YAML reads back as `value`."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+    return text.removesuffix("\n...\n").strip()
+
+
+@PROPERTY
+@given(values)
+def test_property_values_round_trip_through_override_text(value):
+    assert parse_value(as_text(value)) == value
+
+
+@PROPERTY
+@given(st.integers(), st.floats(allow_nan=False, allow_infinity=False))
+def test_property_numbers_are_typed_as_written(i, x):
+    assert type(parse_value(str(i))) is int and parse_value(str(i)) == i
+    assert type(parse_value(repr(x))) is float and parse_value(repr(x)) == x  # also "1e-05", "1e+16"
+
+
+@PROPERTY
+@given(configs | st.just(DEFAULTS), values, st.data())
+def test_property_override_lands_at_its_key_and_nothing_else_changes(cfg, value, data):
+    path = data.draw(st.sampled_from(paths(cfg)))
+    before = copy.deepcopy(cfg)
+    out = apply_override(cfg, f"{path}={as_text(value)}")
+    assert cfg == before  # the input is not modified
+    assert get(out, path) == value
+    assert out == put(cfg, path, value)  # and every other key is as it was
+    scribble(out)
+    assert cfg == before  # nor shared with the result
+
+
+@PROPERTY
+@given(configs, values, values, st.data())
+def test_property_overriding_twice_equals_overriding_with_the_last_value(cfg, first, last, data):
+    path = data.draw(st.sampled_from(paths(cfg)))
+    twice = apply_override(apply_override(cfg, f"{path}={as_text(first)}"), f"{path}={as_text(last)}")
+    assert twice == apply_override(cfg, f"{path}={as_text(last)}")
+
+
+@PROPERTY
+@given(configs, keys, keys, values, st.data())
+def test_property_unknown_keys_raise_naming_the_key_and_plus_adds_them(cfg, new, sub, value, data):
+    sections = [""] + [p for p in paths(cfg) if isinstance(get(cfg, p), dict)]
+    where = data.draw(st.sampled_from(sections))
+    section = get(cfg, where) if where else cfg
+    assume(new not in section)
+    for key in (f"{where}.{new}" if where else new, f"{where}.{new}.{sub}" if where else f"{new}.{sub}"):
+        with pytest.raises(ConfigError, match=re.escape(f"unknown config key {key!r}")):
+            apply_override(cfg, f"{key}={as_text(value)}")
+        with pytest.raises(ConfigError, match=re.escape(f"+{key}=VALUE")):
+            apply_override(cfg, f"{key}={as_text(value)}")
+        assert apply_override(cfg, f"+{key}={as_text(value)}") == put(cfg, key, value)
+
+
+@PROPERTY
+@given(configs, st.data())
+def test_property_merge_equals_the_overrides_of_its_leaves(base, data):
+    leaves = [p for p in paths(base) if not isinstance(get(base, p), dict)]
+    chosen = data.draw(st.lists(st.sampled_from(leaves), unique=True) if leaves else st.just([]))
+    update: dict = {}
+    expected = base
+    for path in chosen:
+        value = data.draw(values)
+        update = put(update, path, value)
+        expected = apply_override(expected, f"{path}={as_text(value)}")
+    before = copy.deepcopy((base, update))
+    merged = merge(base, update)
+    assert merged == expected and (base, update) == before
+    assert merge(merged, update) == merged  # idempotent
+    assert merge(base, {}) == base and merge(base, base) == base
+    assert merge(base, {k: {} for k, v in base.items() if isinstance(v, dict)}) == base  # empty sections keep theirs
+    scribble(merged)
+    assert (base, update) == before  # the result shares nothing with its inputs
+
+
+@PROPERTY
+@given(configs, keys, values, st.data())
+def test_property_merge_refuses_unknown_keys_unless_allowed(base, new, value, data):
+    sections = [""] + [p for p in paths(base) if isinstance(get(base, p), dict)]
+    where = data.draw(st.sampled_from(sections))
+    assume(new not in (get(base, where) if where else base))
+    key = f"{where}.{new}" if where else new
+    update = put({}, key, value)
+    with pytest.raises(ConfigError, match=re.escape(f"unknown config key {key!r}")):
+        merge(base, update)
+    assert merge(base, update, allow_new=True) == put(base, key, value)
+
+
+@PROPERTY
+@given(configs)
+def test_property_configs_round_trip_through_the_yaml_dump_and_load(cfg):
+    assume("base" not in cfg)  # a file's `base:` names the config it starts from
+    assert ordered(yaml.safe_load(to_yaml(cfg))) == ordered(cfg)  # values, and the order of keys
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "roundtrip.yaml"
+        path.write_text(to_yaml(cfg))
+        assert load_config_file(str(path)) == {"name": "roundtrip", **cfg}

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eqprop.data import (
     Dataset,
@@ -573,3 +575,62 @@ def test_checksum_and_offline_fetch(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="corrupt"):
         data_cli.fetch("mnist", tmp_path)
     assert not list((tmp_path / "mnist").iterdir())
+
+
+# ------------------------------------------------------------------ properties of the DDP sharding
+
+def indexed_sequences(n: int) -> Dataset:
+    """Example i is the constant sequence i with label i: every batch names the examples it holds."""
+    x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1)
+    return Dataset(x=x, y=torch.arange(n), num_classes=n, mean=(0.0,), std=(1.0,), name="indexed", kind="sequence")
+
+
+def epoch_batches(ds: Dataset, world: int, epoch: int, **kw) -> list[list[list[int]]]:
+    """batches[rank][b]: the example indices of batch b on `rank`, from fresh loaders."""
+    out = []
+    for rank in range(world):
+        loader = DeviceLoader(ds, rank=rank, world_size=world, **kw)
+        loader.set_epoch(epoch)
+        batches = [y.tolist() for x, y in loader]
+        assert all(x[:, 0, 0].tolist() == y.tolist() for x, y in loader)  # inputs travel with their labels
+        assert len(batches) == len(loader)
+        out.append(batches)
+    return out
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(n=st.integers(1, 150), per_rank=st.integers(1, 12), world=st.integers(1, 4), seed=st.integers(0, 10**6),
+       epoch=st.integers(0, 1000), train=st.booleans(), drop_last=st.booleans())
+def test_property_ranks_shard_an_epoch(n, per_rank, world, seed, epoch, train, drop_last):
+    """For any size, global batch, world size, seed and epoch: the ranks' batches are disjoint, equal
+    in number, cover the epoch (all examples, or all but the n mod B dropped with drop_last), each
+    global batch is the ranks' slices in rank order, and the order depends on (seed, epoch) only."""
+    batch = per_rank * world
+    ds = indexed_sequences(n)
+    kw = dict(batch_size=batch, train=train, seed=seed, drop_last=drop_last)
+    ranks = epoch_batches(ds, world, epoch, **kw)
+    full, rest = divmod(n, batch)
+    count = full + (1 if rest and not drop_last else 0)
+    assert [len(r) for r in ranks] == [count] * world  # the same number of batches on every rank
+    seen = [i for r in ranks for b in r for i in b]
+    assert len(seen) == len(set(seen))  # disjoint across ranks and batches
+    assert len(seen) == (full * batch if drop_last else n) and set(seen) <= set(range(n))
+    for b in range(count):
+        sizes = [len(r[b]) for r in ranks]
+        if b < full:
+            assert sizes == [per_rank] * world
+        else:  # the final partial batch, split as torch.tensor_split
+            assert sizes == [len(p) for p in torch.tensor_split(torch.arange(rest), world)]
+    single = epoch_batches(ds, 1, epoch, **kw)[0]
+    assert [sum((r[b] for r in ranks), []) for b in range(count)] == single  # rank order = the 1-rank batch
+    if not train:
+        assert sum(single, []) == list(range(len(seen)))  # evaluation keeps the dataset order
+    assert epoch_batches(ds, world, epoch, **kw) == ranks  # a function of (seed, epoch): reproducible
+    loader = DeviceLoader(ds, rank=world - 1, world_size=world, **kw)
+    loader.set_epoch(epoch + 1)
+    list(loader)
+    loader.set_epoch(epoch)
+    assert [y.tolist() for _, y in loader] == ranks[-1]  # and resumable after another epoch
+    if train and n >= 20 and count:
+        assert epoch_batches(ds, 1, epoch + 1, **kw)[0] != single  # a new order each epoch
+        assert epoch_batches(ds, 1, epoch, **{**kw, "seed": seed + 1})[0] != single  # and per seed
