@@ -634,3 +634,42 @@ def test_property_ranks_shard_an_epoch(n, per_rank, world, seed, epoch, train, d
     if train and n >= 20 and count:
         assert epoch_batches(ds, 1, epoch + 1, **kw)[0] != single  # a new order each epoch
         assert epoch_batches(ds, 1, epoch, **{**kw, "seed": seed + 1})[0] != single  # and per seed
+
+
+# ------------------------------------------------------------------ optional extras (eqprop.optional)
+
+def hide(monkeypatch, *modules: str) -> None:
+    """Make `import m` fail for each module, as if its package were not installed."""
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)
+
+
+def test_require_names_the_extra(monkeypatch):
+    from eqprop.optional import available, package_version, require
+
+    assert require("json", "none", "nothing") is sys.modules["json"] and available("json")
+    hide(monkeypatch, "tqdm")
+    with pytest.raises(ImportError, match=r"^tqdm is needed for progress bars: pip install 'eqprop\[progress\]'$"):
+        require("tqdm", "progress", "progress bars")
+    assert not available("surely_not_installed_pkg") and not available("surely_not_installed_pkg.sub")
+    assert package_version("surely-not-installed-dist") == "0+unknown"
+    import eqprop
+
+    assert eqprop.__version__ == package_version() != "0+unknown"  # the installed metadata's version
+
+
+def test_missing_extras_svhn_plot_tensorboard(tmp_path, monkeypatch):
+    from eqprop.training.metrics import MetricsLogger, plot_curves
+
+    hide(monkeypatch, "scipy", "scipy.io", "matplotlib", "matplotlib.pyplot", "tensorboard")
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"")
+    with pytest.raises(ImportError, match=r"scipy is needed .*SVHN.*eqprop\[svhn\]"):
+        load_dataset("svhn", "test", tmp_path)
+    with pytest.warns(UserWarning, match=r"eqprop\[tensorboard\].*metrics.jsonl only"):
+        logger = MetricsLogger(tmp_path / "run", tensorboard=True)
+    logger.log({"epoch": 1, "train_loss": 0.5, "train_top1": 80.0})
+    logger.close()
+    assert logger.writer is None and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ImportError, match=r"matplotlib is needed .*eqprop\[plot\]"):
+        plot_curves(tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "curves.png")
