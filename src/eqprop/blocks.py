@@ -200,11 +200,18 @@ class EnergyBlock(nn.Module):
         """dPhi/ds_l for each l in `layers` (0-based), plus `nudge` on the last layer.
 
         Generic fallback: autograd of `phi` at fixed s. Subclasses override it with the
-        analytical form.
+        analytical form. Under grad mode (BPTT, ID) the result is itself differentiable in
+        s, u and the parameters; in a relaxation (no grad) no graph is kept.
         """
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(True) for x in s]
-            grads = torch.autograd.grad(self.phi(leaves, u.detach()).sum(), leaves, allow_unused=True)
+        if torch.is_grad_enabled():
+            # clones: partial derivatives at fixed other layers even when one layer's state was
+            # computed from another's (an async sweep under BPTT)
+            leaves = [x.clone() if x.requires_grad else x.detach().requires_grad_(True) for x in s]
+            grads = torch.autograd.grad(self.phi(leaves, u).sum(), leaves, allow_unused=True, create_graph=True)
+        else:
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_(True) for x in s]
+                grads = torch.autograd.grad(self.phi(leaves, u.detach()).sum(), leaves, allow_unused=True)
         out = {}
         for l in layers:
             g = grads[l] if grads[l] is not None else torch.zeros_like(s[l])
