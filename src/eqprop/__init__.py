@@ -6,8 +6,16 @@ Layers (each imports only from those before it): activations, couplings -> block
 testing, analysis, training, studies -> cli. docs/theory.md has the mathematics.
 """
 from .activations import Activation, HardSigmoid, Identity, Logistic, make_activation
-from .blocks import (ConvHopfield, DenseHopfield, DivergenceError, EnergyBlock, HopfieldBlock, RelaxStats,
-                     current_target, targets)
+from .blocks import (
+                     ConvHopfield,
+                     DenseHopfield,
+                     DivergenceError,
+                     EnergyBlock,
+                     HopfieldBlock,
+                     RelaxStats,
+                     current_target,
+                     targets,
+)
 from .chain import FFEBM, configure_blocks, conv_ffebm, dense_ffebm, relax_stats
 from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
 from .estimators import BPTT, EP, ID, RHEL, Contrast, ContrastEstimator, Estimator

@@ -490,7 +490,8 @@ class ConvHopfield(HopfieldBlock):
         if len(pools) != len(channels) - 1 or any(p not in "m-" for p in pools):
             raise ValueError(f"ConvHopfield: pools must have one 'm' or '-' per conv coupling "
                              f"({len(channels) - 1}), got {pools!r}")
-        couplings: list[Coupling] = [ConvCoupling(a, b, p == "m") for a, b, p in zip(channels[:-1], channels[1:], pools)]
+        couplings: list[Coupling] = [ConvCoupling(a, b, p == "m")
+                                     for a, b, p in zip(channels[:-1], channels[1:], pools)]
         if fc:
             if in_size is None:
                 raise ValueError("ConvHopfield: dense layers (fc) need in_size, the input's spatial size")

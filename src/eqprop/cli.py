@@ -18,7 +18,7 @@ COMMANDS = {
     "eval": ("eqprop.training.cli_eval", "evaluate a checkpoint on its test set"),
     "data": ("eqprop.data.cli", "dataset utilities (fetch, info)"),
     "analyze": ("eqprop.analysis.cli", "analyses: gdd (static gradients), splitting, rhel"),
-    "study": ("eqprop.study", "studies: algorithms (the energy-based learning family)"),
+    "study": ("eqprop.studies.cli", "studies: algorithms (every learning rule, one network), precision (16-bit)"),
 }
 
 

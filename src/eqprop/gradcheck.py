@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +15,7 @@ from torch import Tensor, nn
 
 from .blocks import ConvHopfield, DenseHopfield
 from .chain import FFEBM
-from .estimators import make_estimator
+from .testing import cosine, finite_differences, flatten, gradients, rel_error
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -69,46 +67,6 @@ def build_check_model(kind: str = "conv", n_blocks: int = 3, activation: str = "
     return model, x.to(dtype), y
 
 
-def model_gradients(model: FFEBM, loss_fn: Callable[[], Tensor]) -> list[Tensor]:
-    """Gradients of every parameter after one forward/backward with the current estimators."""
-    model.zero_grad(set_to_none=True)
-    loss_fn().backward()
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-
-
-@torch.no_grad()
-def finite_differences(model: nn.Module, loss_fn: Callable[[], Tensor], eps: float) -> list[Tensor]:
-    """Central differences of the loss w.r.t. every parameter entry (slow: 2 forwards each)."""
-    out = []
-    for p in model.parameters():
-        g = torch.zeros_like(p)
-        flat, gflat = p.view(-1), g.view(-1)
-        for i in range(flat.numel()):
-            old = flat[i].item()
-            flat[i] = old + eps
-            lp = loss_fn().item()
-            flat[i] = old - eps
-            lm = loss_fn().item()
-            flat[i] = old
-            gflat[i] = (lp - lm) / (2 * eps)
-        out.append(g)
-    return out
-
-
-def rel_error(a: Tensor, b: Tensor) -> float:
-    """||a - b|| / ||b|| (0 when both vanish)."""
-    nb = b.norm().item()
-    na = (a - b).norm().item()
-    return 0.0 if na == 0 else na / nb if nb > 0 else math.inf
-
-
-def cosine(a: Tensor, b: Tensor) -> float:
-    na, nb = a.norm().item(), b.norm().item()
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return (a.flatten() @ b.flatten()).item() / (na * nb)
-
-
 def run_gradcheck(kind: str = "conv", n_blocks: int = 3, dtype: str = "float64", beta: float = 1e-4,
                   variant: str = "centered", seed: int = 0, activation: str = "sigmoid", pool_in_blocks: bool = False,
                   T1: int = 1000, T2: int = 1000, tol: float | None = 1e-13, bptt_T2: int = 200,
@@ -122,15 +80,16 @@ def run_gradcheck(kind: str = "conv", n_blocks: int = 3, dtype: str = "float64",
     def loss_fn() -> Tensor:
         return F.cross_entropy(model(x), y)
 
+    params = list(model.parameters())
     grads = {}
     settings = {"ep": dict(beta=beta, variant=variant, T2=T2, tol=tol), "id": dict(tol=min(tol or 1e-10, 1e-10),
                                                                                  max_iter=5000),
                 "bptt": dict(T2=bptt_T2)}
     free = None
     for name, kw in settings.items():
-        model.set_estimator(make_estimator(name, **kw))
-        grads[name] = model_gradients(model, loss_fn)
-        free = free or [b.stats["free"].as_dict() for b in model.blocks]
+        model.set_estimator(name, **kw)
+        grads[name] = gradients(loss_fn, params)
+        free = free or [phases["free"] for phases in model.relax_stats()]
     names = [n for n, _ in model.named_parameters()]
     report: dict = {"settings": dict(kind=kind, blocks=n_blocks, dtype=dtype, beta=beta, variant=variant, seed=seed,
                                      activation=activation, pool_in_blocks=pool_in_blocks, T1=T1, T2=T2, tol=tol,
@@ -138,10 +97,10 @@ def run_gradcheck(kind: str = "conv", n_blocks: int = 3, dtype: str = "float64",
                     "free_phase": free, "converged": all(f["converged"] is not False for f in free)}
     if not skip_fd:
         fd_eps = fd_eps or ((1e-5, 1e-4) if dtype == "float64" else (1e-2, 3e-2))
-        fd = finite_differences(model, loss_fn, fd_eps[0])
-        fd2 = finite_differences(model, loss_fn, fd_eps[1])
+        fd = finite_differences(loss_fn, params, fd_eps[0])
+        fd2 = finite_differences(loss_fn, params, fd_eps[1])
         grads["fd"] = fd
-        fd_gap = rel_error(torch.cat([g.flatten() for g in fd2]), torch.cat([g.flatten() for g in fd]))
+        fd_gap = rel_error(fd2, fd)
         report["fd"] = {"eps": list(fd_eps), "rel_gap_between_step_sizes": fd_gap,
                         "consistent": fd_gap < (1e-3 if dtype == "float64" else 5e-2)}
     ref = "fd" if "fd" in grads else "id"
@@ -154,7 +113,7 @@ def run_gradcheck(kind: str = "conv", n_blocks: int = 3, dtype: str = "float64",
                 row[f"{est}_cos"] = cosine(grads[est][i], grads[ref][i])
         row["ep_id_cos"] = cosine(grads["ep"][i], grads["id"][i])
         rows.append(row)
-    flat = {k: torch.cat([g.flatten() for g in v]) for k, v in grads.items()}
+    flat = {k: flatten(v) for k, v in grads.items()}
     total = {"param": "ALL", "shape": [int(flat["ep"].numel())], "reference": ref}
     for est in ("ep", "id", "bptt"):
         if est != ref:
@@ -175,15 +134,16 @@ def format_report(report: dict) -> str:
                      f"converged={f['converged']}")
     if "fd" in report:
         fd = report["fd"]
+        verdict = "consistent" if fd["consistent"] else "INCONSISTENT"
         lines.append(f"  finite differences: eps={fd['eps']}, gap between step sizes "
-                     f"{fd['rel_gap_between_step_sizes']:.2e} -> {'consistent' if fd['consistent'] else 'INCONSISTENT'}")
+                     f"{fd['rel_gap_between_step_sizes']:.2e} -> {verdict}")
     if not report["converged"]:
         lines.append("  WARNING: a free phase did not reach its tolerance; the comparison is not meaningful")
     ref = report["total"]["reference"]
     cols = [c for c in ("ep_rel", "ep_cos", "id_rel", "id_cos", "bptt_rel", "bptt_cos", "ep_id_cos")
             if c in report["total"]]
-    header = f"{'parameter':<28}{'shape':<16}" + "".join(f"{c.replace('_', ' vs ' + ref + ' ', 1) if c != 'ep_id_cos' else 'ep vs id cos':>18}" for c in cols)
-    lines.append(header)
+    titles = ["ep vs id cos" if c == "ep_id_cos" else c.replace("_", f" vs {ref} ", 1) for c in cols]
+    lines.append(f"{'parameter':<28}{'shape':<16}" + "".join(f"{t:>18}" for t in titles))
     for row in report["params"] + [report["total"]]:
         lines.append(f"{row['param']:<28}{str(tuple(row['shape'])):<16}" + "".join(f"{row[c]:>18.3e}" for c in cols))
     return "\n".join(lines)

@@ -37,7 +37,7 @@ def rel_error(a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]) -> flo
     a = a if isinstance(a, Tensor) else flatten(a)
     b = b if isinstance(b, Tensor) else flatten(b)
     nb = torch.linalg.vector_norm(b.double()).item()
-    na = torch.linalg.vector_norm((a.double() - b.double())).item()
+    na = torch.linalg.vector_norm(a.double() - b.double()).item()
     return 0.0 if na == 0 else na / nb if nb > 0 else math.inf
 
 

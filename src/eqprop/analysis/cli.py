@@ -9,9 +9,10 @@ import argparse
 import importlib
 
 ANALYSES = {
-    "gdd": ("eqprop.analysis.gdd", "static gradient analysis: EP's nudged transient vs truncated BPTT (SPEC §5)"),
-    "splitting": ("eqprop.analysis.splitting", "split a deep Hopfield network into blocks: equilibrium cost and gradients"),
-    "rhel": ("eqprop.analysis.rhel", "Recurrent Hamiltonian Echo Learning vs BPTT (SPEC §9)"),
+    "gdd": ("eqprop.analysis.gdd", "static gradient analysis: EP's nudged transient vs truncated BPTT"),
+    "splitting": ("eqprop.analysis.splitting",
+                  "split a deep Hopfield network into blocks: equilibrium cost and gradients"),
+    "rhel": ("eqprop.analysis.rhel", "Recurrent Hamiltonian Echo Learning vs BPTT"),
 }
 
 

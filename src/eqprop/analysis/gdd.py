@@ -1,4 +1,5 @@
-"""Static gradient analysis (SPEC §5): EP's nudged transient against truncated BPTT.
+"""Static gradient analysis (docs/theory.md, "Static gradient analysis"): EP's nudged
+transient against truncated BPTT.
 
 For every block of an ff-EBM, from its free equilibrium s*, the centered EP quantity
 
@@ -44,31 +45,27 @@ from torch import Tensor, nn
 
 from ..activations import HardSigmoid
 from ..blocks import EnergyBlock, State, relative_change
-from ..chain import FFEBM, conv_ffebm
-from ..estimators import _like, error_scale
+from ..chain import FFEBM
+from ..estimators import normalized_current, per_sample
+from ..testing import cosine, rel_error
+from .common import pyplot, synthetic_images
+from .splitting import DHN_L6, GOE_V, dhn_model
 
-# Named models: builder settings, data size and analysis defaults.
+# Named models: a DHN cut into blocks (splitting.dhn_model), data size and analysis defaults.
 MODELS: dict[str, dict] = {
-    # CPU-sized 3-block split of the L = 6 conv DHN (SPEC §6), widths / 8.
-    "cpu": dict(
-        blocks=[{"channels": [3, 16, 32], "pools": "mm"},
-                {"channels": [32, 32, 64], "pools": "mm"},
-                {"channels": [64, 64], "pools": "-", "fc": [32]}],
-        in_size=32, num_classes=10, init="goe", variance=8.351e-5, alpha=0.5, slope=1.0,
-        batch=8, beta=0.02, T2=20),
+    # CPU-sized 3-block split of the L = 6 conv DHN, widths / 8.
+    "cpu": dict(dhn=DHN_L6, n_blocks=3, width_div=8, in_size=32, num_classes=10, init="goe", variance=GOE_V,
+                alpha=0.5, slope=1.0, batch=8, beta=0.02, T2=20),
     # The published analysis model: 3-block L = 6 CIFAR-10 chain, beta = 0.02.
-    "published": dict(
-        blocks=[{"channels": [3, 128, 256], "pools": "mm"},
-                {"channels": [256, 256, 512], "pools": "mm"},
-                {"channels": [512, 512], "pools": "-", "fc": [256]}],
-        in_size=32, num_classes=10, init="goe", variance=8.351e-5, alpha=0.5, slope=1.0,
-        batch=4, beta=0.02, T2=20),
+    "published": dict(dhn=DHN_L6, n_blocks=3, width_div=1, in_size=32, num_classes=10, init="goe", variance=GOE_V,
+                      alpha=0.5, slope=1.0, batch=4, beta=0.02, T2=20),
 }
 
 
-def build_model(name: str, activation: str = "hardsigmoid", slope: float | None = None, seed: int = 0,
-                dtype: torch.dtype = torch.float32, variance: float | None = None) -> tuple[FFEBM, dict]:
-    """The named analysis model (see MODELS) with synchronous updates, in `dtype`."""
+def gdd_model(name: str, activation: str = "hardsigmoid", slope: float | None = None, seed: int = 0,
+              dtype: torch.dtype = torch.float32, variance: float | None = None) -> tuple[FFEBM, dict]:
+    """The named analysis model (see MODELS) with synchronous updates, in `dtype`; returns
+    (model, its MODELS entry with the variance used)."""
     if name not in MODELS:
         raise ValueError(f"gdd: unknown model {name!r}, expected one of {sorted(MODELS)}")
     cfg = dict(MODELS[name])
@@ -76,10 +73,9 @@ def build_model(name: str, activation: str = "hardsigmoid", slope: float | None 
         if not variance > 0:
             raise ValueError(f"gdd: the GOE variance must be > 0, got {variance}")
         cfg["variance"] = variance
-    torch.manual_seed(seed)
-    model = conv_ffebm(cfg["blocks"], num_classes=cfg["num_classes"], in_size=cfg["in_size"],
-                       activation=activation, slope=cfg["slope"] if slope is None else slope, init=cfg["init"],
-                       variance=cfg["variance"], alpha=cfg["alpha"], update="sync")
+    model = dhn_model(cfg["dhn"], cfg["n_blocks"], cfg["width_div"], seed, num_classes=cfg["num_classes"],
+                      in_size=cfg["in_size"], activation=activation, slope=cfg["slope"] if slope is None else slope,
+                      init=cfg["init"], variance=cfg["variance"], alpha=cfg["alpha"], update="sync")
     return model.to(dtype), cfg
 
 
@@ -104,42 +100,30 @@ def synchronous(blocks: list[EnergyBlock]):
     saved = [b.update for b in blocks]
     try:
         for b in blocks:
-            b.update = "sync"
+            b.configure(update="sync")
         yield
     finally:
         for b, u in zip(blocks, saved):
-            b.update = u
+            b.configure(update=u)
 
 
-def _cos(a: Tensor, b: Tensor) -> float | None:
-    a, b = a.double().flatten(), b.double().flatten()  # float64 sums: no cosine above 1
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return None
-    return float((a @ b) / (na * nb))
-
-
-def _rel(a: Tensor, b: Tensor) -> float | None:
-    """||a - b|| / ||b||; 0 when both vanish, None when only b does."""
-    a, b = a.double(), b.double()
-    nb, nd = b.norm(), (a - b).norm()
-    if nb == 0:
-        return 0.0 if nd == 0 else None
-    return float(nd / nb)
-
-
-def _sync_map(block: EnergyBlock, s: State, u: Tensor, currents: list[Tensor] | None = None) -> State:
+def _with_currents(block: EnergyBlock, s: State, u: Tensor, currents: list[Tensor]) -> State:
+    """The synchronous map with an extra input current on every layer: sigma(dPhi/ds + c)."""
     L = len(s)
     pre = block.preactivations(s, u, list(range(L)))
-    if currents is not None:
-        pre = {l: pre[l] + currents[l] for l in range(L)}
-    return [block.activations[l](pre[l]) for l in range(L)]
+    return [block.activations[l](pre[l] + currents[l]) for l in range(L)]
 
 
 def fixed_point_residual(block: EnergyBlock, s: State, u: Tensor) -> float:
     """||f(s) - s|| / ||s|| (mean over layers) for the synchronous map f."""
     with torch.no_grad():
-        return float(relative_change(_sync_map(block, s, u), s))
+        return float(relative_change(block.fixed_point_map(s, u), s))
+
+
+def _json_number(v: float) -> float | None:
+    """v, or None where it is not finite (JSON has no inf): a relative error against a
+    reference that vanishes while the estimate does not."""
+    return v if math.isfinite(v) else None
 
 
 @dataclass
@@ -157,8 +141,8 @@ class Curves:
     bptt: list = field(default_factory=list)
 
     def add(self, ep: Tensor, bptt: Tensor) -> None:
-        self.cosine.append(_cos(ep, bptt))
-        self.rel_error.append(_rel(ep, bptt))
+        self.cosine.append(cosine(ep, bptt))
+        self.rel_error.append(_json_number(rel_error(ep, bptt)))
         self.ep_norm.append(float(ep.norm()))
         self.bptt_norm.append(float(bptt.norm()))
         if self.units:
@@ -198,8 +182,9 @@ def switches(block: EnergyBlock, a: State, b: State) -> dict:
     states, not of beta."""
     pools = {}
     for l, c in enumerate(getattr(block, "couplings", [])):
-        if getattr(c, "pool", False):
-            pools[f"coupling{l + 1}"] = int((c(a[l])[1][0] != c(b[l])[1][0]).sum())
+        if c.routed:  # the routing (max-pool argmax) chosen by each state
+            ra, rb = c.route(c.linear_map(a[l]))[1], c.route(c.linear_map(b[l]))[1]
+            pools[f"coupling{l + 1}"] = int((ra != rb).sum())
     regimes = {}
     for l, act in enumerate(block.activations):
         if isinstance(act, HardSigmoid):
@@ -232,7 +217,7 @@ def block_gdd(block: EnergyBlock, u: Tensor, s: State, delta: Tensor, beta: floa
         traj = [s]
         cur = s
         for k in range(T2):
-            cur = _sync_map(block, cur, u, currents[k])
+            cur = _with_currents(block, cur, u, currents[k])
             traj.append(cur)
         flat = [c for step in currents for c in step]
         g = torch.autograd.grad((cur[-1] * delta).sum(), flat, allow_unused=True)
@@ -251,20 +236,18 @@ def block_gdd(block: EnergyBlock, u: Tensor, s: State, delta: Tensor, beta: floa
         return [x if x is not None else torch.zeros_like(p) for x, p in zip(gr, params)]
 
     # --- EP: the two nudged phases, recorded step by step.
-    scale = error_scale(delta, normalize)
-    c = _like(scale, delta)
-    delta_hat = torch.where(c > 0, delta / c.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
+    delta_hat, scale = normalized_current(delta, normalize)
     plus: list[State] = [s]
     block.relax(u, s, T=T2, tol=None, nudge=-beta * delta_hat,
                 callback=lambda t, st: plus.append([x.clone() for x in st]))
     minus: list[State] = [s]
     block.relax(u, s, T=T2, tol=None, nudge=beta * delta_hat,
                 callback=lambda t, st: minus.append([x.clone() for x in st]))
-    cu = _like(scale, u)
+    cu = per_sample(scale, u)
     weights = (-scale / (2 * beta)).expand(u.shape[0])
 
     def ep_layers(t: int) -> list[Tensor]:
-        return [-(plus[t][l] - minus[t][l]) * (_like(scale, s[l]) / (2 * beta)) for l in range(L)]
+        return [-(plus[t][l] - minus[t][l]) * (per_sample(scale, s[l]) / (2 * beta)) for l in range(L)]
 
     def ep_params(t: int) -> list[Tensor]:
         if not params:
@@ -351,8 +334,8 @@ def analyze(model: nn.Sequential, x: Tensor, y: Tensor, beta: float, T2: int, de
                             "error_current_norm": float(delta.flatten(1).norm(dim=1).mean()),
                             "layers": [c.as_dict() for c in g.layers],
                             "params": [c.as_dict(curves=False) for c in g.params],
-                            "input_grad_cosine": _cos(g.grad_u_ep, g.grad_u_bptt),
-                            "input_grad_rel_error": _rel(g.grad_u_ep, g.grad_u_bptt),
+                            "input_grad_cosine": cosine(g.grad_u_ep, g.grad_u_bptt),
+                            "input_grad_rel_error": _json_number(rel_error(g.grad_u_ep, g.grad_u_bptt)),
                             "switches_at_T2": g.switches}
             if k > 0:
                 gu = g.grad_u_bptt if delta_source == "bptt" else g.grad_u_ep
@@ -378,10 +361,7 @@ def summarize(result: dict) -> dict:
 
 def plot(result: dict, path: str) -> None:
     """One panel per layer of every block: a few units, BPTT solid and EP dashed, against t."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     blocks = result["blocks"]
     rows, cols = len(blocks), max(len(b["layers"]) for b in blocks)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -406,14 +386,6 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def synthetic_batch(batch: int, in_size: int, num_classes: int, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A fixed Gaussian image batch with random labels (no data set needed)."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 3, in_size, in_size, generator=gen).to(dtype)
-    y = torch.randint(0, num_classes, (batch,), generator=gen)
-    return x, y
 
 
 def add_arguments(parser) -> None:
@@ -448,13 +420,13 @@ def run(args) -> int:
     import os
 
     dtype = getattr(torch, args.dtype)
-    model, cfg = build_model(args.model, args.activation, args.slope, args.seed, dtype, args.variance)
+    model, cfg = gdd_model(args.model, args.activation, args.slope, args.seed, dtype, args.variance)
     tol = args.tol if args.tol is not None else (1e-12 if dtype == torch.float64 else 1e-6)
     model.configure_blocks(T1=args.T1, tol=tol)
     beta = cfg["beta"] if args.beta is None else args.beta
     T2 = cfg["T2"] if args.T2 is None else args.T2
     batch = cfg["batch"] if args.batch is None else args.batch
-    x, y = synthetic_batch(batch, cfg["in_size"], cfg["num_classes"], args.seed, dtype)
+    x, y = synthetic_images(batch, cfg["in_size"], cfg["num_classes"], seed=args.seed + 1, dtype=dtype)
     model.train()
     result = analyze(model, x, y, beta, T2, args.delta, normalize=args.normalize, units=args.units,
                      reduction=args.loss_reduction)
@@ -487,6 +459,7 @@ def format_table(result: dict) -> str:
         for q in b["layers"] + b["params"]:
             lines.append(f"| {q['name']} | {fmt(q['final_cosine'])} | {fmt(q['final_rel_error'])} |")
     s = result["summary"]
-    lines.append(f"\nworst: layer cosine {fmt(s['min_layer_cosine'])}, layer rel. error {fmt(s['max_layer_rel_error'])}, "
-                 f"parameter cosine {fmt(s['min_param_cosine'])}, parameter rel. error {fmt(s['max_param_rel_error'])}")
+    lines.append(f"\nworst: layer cosine {fmt(s['min_layer_cosine'])}, "
+                 f"layer rel. error {fmt(s['max_layer_rel_error'])}, parameter cosine {fmt(s['min_param_cosine'])}, "
+                 f"parameter rel. error {fmt(s['max_param_rel_error'])}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`eqprop analyze rhel`: RHEL against BPTT on Hamiltonian SSMs (SPEC §9).
+"""`eqprop analyze rhel`: RHEL against BPTT on Hamiltonian SSMs (docs/theory.md, "Hamiltonian
+recurrent units and RHEL").
 
 Three measurements, written as rhel.md (tables), rhel.json (everything) and rhel.png:
   eps     per-parameter relative error ||g_rhel - g_bptt|| / ||g_bptt|| and cosine, on one
@@ -24,13 +25,18 @@ import json
 import math
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..estimators import BPTT, RHEL, Estimator
 from ..hamiltonian import HSSM, make_hru
+from ..registry import set_estimator
+from ..testing import cosine, gradients, rel_error
+from .common import pyplot, timed
 
 KINDS = ("linear", "nonlinear")
 
@@ -48,10 +54,6 @@ class SingleHRU(nn.Module):
     @property
     def hrus(self):
         return [self.hru]
-
-    def set_estimator(self, name: str, eps: float | None = None):
-        self.hru.set_estimator(name, eps=eps)
-        return self
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.hru(self.encoder(x)).mean(1))
@@ -95,14 +97,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"analyze rhel: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("eps", "lengths", "memory_lengths"):
         if any(not (v > 0 and math.isfinite(v)) for v in getattr(args, name)):
-            raise ValueError(f"analyze rhel: --{name.replace('_', '-')} values must be positive, got {getattr(args, name)}")
+            raise ValueError(f"analyze rhel: --{name.replace('_', '-')} values must be positive, "
+                             f"got {getattr(args, name)}")
     if not 0 < args.dt_min <= args.dt_max < 1:
         raise ValueError(f"analyze rhel: need 0 < --dt-min <= --dt-max < 1, got {args.dt_min}, {args.dt_max}")
     if not args.length_eps > 0:
         raise ValueError(f"analyze rhel: --length-eps must be positive, got {args.length_eps}")
 
 
-def build_model(args: argparse.Namespace, kind: str, which: str, in_features: int, seed: int) -> nn.Module:
+def sequence_model(args: argparse.Namespace, kind: str, which: str, in_features: int, seed: int) -> nn.Module:
+    """The model of one measurement: an HSSM, or one HRU between encoder and readout (`which`)."""
     torch.manual_seed(seed)
     if which == "hru":
         model = SingleHRU(in_features, args.num_classes, args.hidden, args.state_size, kind,
@@ -113,7 +117,7 @@ def build_model(args: argparse.Namespace, kind: str, which: str, in_features: in
     return model.to(device=args.device, dtype=getattr(torch, args.dtype))
 
 
-def synthetic_batch(args: argparse.Namespace, length: int, seed: int) -> tuple[Tensor, Tensor]:
+def synthetic_sequences(args: argparse.Namespace, length: int, seed: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(args.batch, length, args.features, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
@@ -130,23 +134,20 @@ def data_batch(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
     return x, ds.y[: args.batch].to(args.device)
 
 
-def gradients(model: nn.Module, x: Tensor, y: Tensor, estimator: str, eps: float) -> dict[str, Tensor]:
-    """Gradients of the cross-entropy w.r.t. every parameter and the input."""
-    model.set_estimator(estimator, eps=eps)
+BPTT_REF = BPTT(T2=None)  # through every time step: the reference gradient
+
+
+def estimator_gradients(model: nn.Module, x: Tensor, y: Tensor, estimator: Estimator) -> dict[str, Tensor]:
+    """Gradients of the cross-entropy w.r.t. every parameter and the input, by `estimator`."""
+    set_estimator(model, estimator)
     x = x.detach().requires_grad_(True)
-    names = [n for n, _ in model.named_parameters()]
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()) + [x])
-    return dict(zip(names + ["input"], grads))
+    names = [n for n, _ in model.named_parameters()] + ["input"]
+    return dict(zip(names, gradients(lambda: F.cross_entropy(model(x), y), list(model.parameters()) + [x])))
 
 
 def compare(est: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    out = {}
-    for k, r in ref.items():
-        e = est[k].double().flatten()
-        r = r.double().flatten()
-        rel = ((e - r).norm() / r.norm()).item() if r.norm() > 0 else float((e - r).norm())
-        out[k] = {"rel_error": rel, "cosine": F.cosine_similarity(e, r, dim=0).item()}
-    return out
+    """Per tensor: relative error and cosine of `est` against `ref`."""
+    return {k: {"rel_error": rel_error(est[k], r), "cosine": cosine(est[k], r)} for k, r in ref.items()}
 
 
 def summary(per_param: dict[str, dict[str, float]]) -> dict:
@@ -186,26 +187,23 @@ def io_bytes(model: nn.Module, x: Tensor) -> int:
     return sum(4 * size * h.in_features for h in model.hrus)
 
 
+def backward_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Forward, cross-entropy and backward (the step whose time and memory are measured)."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
 def memory_run(args: argparse.Namespace, kind: str, length: int) -> dict:
-    x, y = synthetic_batch(args, length, args.seed + 1)
+    x, y = synthetic_sequences(args, length, args.seed + 1)
     device = torch.device(args.device)
     row = {"length": length}
     for est in ("rhel", "bptt"):
-        model = build_model(args, kind, args.memory_model, args.features, args.seed)
-        model.set_estimator(est, eps=args.length_eps)
+        model = sequence_model(args, kind, args.memory_model, args.features, args.seed)
+        set_estimator(model, RHEL(eps=args.length_eps) if est == "rhel" else BPTT_REF)
 
-        def step():
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-
+        step = partial(backward_step, model, x, y)
         step()  # warm-up; also allocates the .grad tensors kept across steps
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+        times = [timed(step, device=device)[0] for _ in range(args.repeats)]
         model.zero_grad(set_to_none=True)
         peak = peak_bytes(step, device)
         row[est] = {"time_s": statistics.median(times), "peak_bytes": peak,
@@ -223,30 +221,30 @@ def run_analysis(args: argparse.Namespace) -> dict:
         res: dict = {}
         if "eps" not in args.skip:
             if args.dataset == "synthetic":
-                x, y = synthetic_batch(args, args.eps_length, args.seed + 1)
+                x, y = synthetic_sequences(args, args.eps_length, args.seed + 1)
             else:
                 x, y = data_batch(args)
-            model = build_model(args, kind, args.model, x.shape[2], args.seed)
-            ref = gradients(model, x, y, "bptt", 1.0)
+            model = sequence_model(args, kind, args.model, x.shape[2], args.seed)
+            ref = estimator_gradients(model, x, y, BPTT_REF)
             res["eps"] = {"length": x.shape[1], "rows": []}
             for eps in args.eps:
-                per = compare(gradients(model, x, y, "rhel", eps), ref)
+                per = compare(estimator_gradients(model, x, y, RHEL(eps=eps)), ref)
                 res["eps"]["rows"].append({"eps": eps, **summary(per), "per_parameter": per})
         if "length" not in args.skip:
             res["length"] = {"eps": args.length_eps, "rows": []}
             for L in args.lengths:
-                x, y = synthetic_batch(args, L, args.seed + 1)
-                model = build_model(args, kind, args.model, args.features, args.seed)
+                x, y = synthetic_sequences(args, L, args.seed + 1)
+                model = sequence_model(args, kind, args.model, args.features, args.seed)
                 t0 = time.perf_counter()
-                ref = gradients(model, x, y, "bptt", 1.0)
+                ref = estimator_gradients(model, x, y, BPTT_REF)
                 t1 = time.perf_counter()
-                per = compare(gradients(model, x, y, "rhel", args.length_eps), ref)
+                per = compare(estimator_gradients(model, x, y, RHEL(eps=args.length_eps)), ref)
                 t2 = time.perf_counter()
                 norm = torch.sqrt(sum(g.double().square().sum() for g in ref.values())).item()
                 row = {"length": L, **summary(per), "bptt_s": t1 - t0, "rhel_s": t2 - t1, "bptt_grad_norm": norm,
                        "per_parameter": per}
                 if x.dtype != torch.float64:  # how well float32 BPTT itself is conditioned here
-                    ref64 = gradients(copy.deepcopy(model).double(), x.double(), y, "bptt", 1.0)
+                    ref64 = estimator_gradients(copy.deepcopy(model).double(), x.double(), y, BPTT_REF)
                     row["bptt_vs_float64"] = summary(compare(ref, ref64))["max_rel_error"]
                 res["length"]["rows"].append(row)
         if "memory" not in args.skip:
@@ -298,11 +296,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     titles = {"eps": ("RHEL vs BPTT: relative error", "eps", "relative error"),
               "length": (f"relative error vs length (eps {results['settings']['length_eps']:g})", "sequence length",
                          "max relative error"),

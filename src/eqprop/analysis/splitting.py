@@ -1,29 +1,33 @@
 """Splitting study: one deep Hopfield network (DHN) of L layers cut into N blocks.
 
 Splitting a DHN into N blocks with the same layers replaces the couplings at the block
-boundaries by feedforward maps (convolution, pooling, batch-norm; SPEC §2, §6). For each
-split this measures, on one batch: iterations to reach the tolerance in the free and
-nudged phases (per block and in total), wall time of one relaxation (the free phase of
-the whole chain), time of one training step (free phase + EP backward + Adam step) and
-the cosine similarity of the EP gradient with the `id` gradient.
+boundaries by feedforward maps (convolution, pooling, batch-norm; docs/theory.md,
+"Feedforward-tied EBMs"). For each split this measures, on one batch: iterations to reach
+the tolerance in the free and nudged phases (per block and in total), wall time of one
+relaxation (the free phase of the whole chain), time of one training step (free phase + EP
+backward + Adam step) and the cosine similarity of the EP gradient with the `id` gradient.
+
+The published DHNs and their splits are built here (`dhn_model`) for the static gradient
+analysis and the benchmark suite too.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ..blocks import EnergyBlock
 from ..chain import FFEBM, conv_ffebm
-from ..couplings import ConvCoupling, DenseCoupling
+from ..testing import cosine, gradients
+from .common import block_inputs, pyplot, synthetic_images, timed, train_step
 
-# The L = 6 DHN of SPEC §6 as a 1-block spec: conv layers after the input map, then fc.
+# The published DHNs as 1-block specs: conv layers after the input map, then fc.
 DHN_L6 = {"channels": [3, 128, 256, 256, 512, 512], "pools": "mmmm-", "fc": [256]}
+# The L = 12 network of the scaling chains (6 blocks of 2 layers in the published runs).
+DHN_L12 = {"channels": [3, 128, 128, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512], "pools": "m---m---m---"}
 GOE_V = 8.351e-5
 
 
@@ -81,116 +85,72 @@ def default_splits(L: int) -> list[int]:
     return out
 
 
-def build(dhn: dict, n_blocks: int, seed: int, **kw) -> FFEBM:
+def dhn_model(dhn: dict, n_blocks: int, width_div: int = 1, seed: int = 0, **settings) -> FFEBM:
+    """`dhn` with every width divided by `width_div`, cut into `n_blocks` blocks and built by
+    `conv_ffebm(blocks, **settings)` after seeding torch with `seed` (e.g.
+    `dhn_model(DHN_L6, 3)`: the published 3-block L = 6 CIFAR-10 chain)."""
     torch.manual_seed(seed)
-    return conv_ffebm(split_dhn(dhn, n_blocks), **kw)
+    return conv_ffebm(split_dhn(scale_width(dhn, width_div), n_blocks), **settings)
 
 
 def sweep_flops(block: EnergyBlock, in_shape: tuple[int, ...], batch: int) -> int:
-    """FLOPs of one sweep of a Hopfield block (sync or async): every coupling's map and its
-    adjoint once (the stepper memoises the maps), 2 FLOPs per multiply-add; pooling,
-    activations and additions are not counted."""
+    """FLOPs of one sweep of a Hopfield block (sync or async) on `batch` samples whose input
+    current has shape `in_shape`: every coupling's map and its adjoint once (the stepper
+    memoises the maps), 2 FLOPs per multiply-add (`Coupling.macs`); pooling, activations and
+    additions are not counted."""
+    couplings = getattr(block, "couplings", None)
+    if couplings is None:
+        raise ValueError(f"sweep_flops: {block.block_name} has no couplings (not a Hopfield block)")
     shapes = block.state_shapes(tuple(in_shape))
-    total = 0
-    for l, c in enumerate(block.couplings):
-        if isinstance(c, ConvCoupling):
-            cin, h, w = shapes[l]
-            k = c.conv.kernel_size[0] * c.conv.kernel_size[1]
-            macs = cin * c.conv.out_channels * k * h * w
-        elif isinstance(c, DenseCoupling):
-            macs = c.linear.in_features * c.linear.out_features
-        else:
-            raise ValueError(f"sweep_flops: unknown coupling {type(c).__name__} in {block.block_name}")
-        total += 2 * 2 * macs * batch
-    return total
-
-
-def block_input_shapes(model: FFEBM, x) -> list[tuple[int, ...]]:
-    """Per block, the shape (without batch) of its input current for inputs like x."""
-    shapes, hooks = [], [b.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape[1:])))
-                         for b in model.blocks]
-    saved = [b.T1 for b in model.blocks]
-    try:
-        for b in model.blocks:
-            b.T1 = 1
-        with torch.no_grad():
-            model(x)
-    finally:
-        for b, t in zip(model.blocks, saved):
-            b.T1 = t
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
-def _time(fn) -> tuple[float, float]:
-    """(wall, process CPU) seconds of fn(); CPU time counts this process' threads only, so it
-    is less sensitive than wall time to other programs sharing the cores."""
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    return 2 * 2 * batch * sum(c.macs(shape) for c, shape in zip(couplings, shapes))
 
 
 def time_models(models: list[FFEBM], x, y, repeats: int) -> list[dict]:
     """Relaxation and training-step times per model (wall and CPU): the minimum over `repeats`,
     with the models taken in turn within each repeat so that a change of load hits all alike."""
     opts = [torch.optim.Adam(m.parameters(), lr=1e-5) for m in models]
-
-    def step(m, opt):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
     relax = [[] for _ in models]
     steps = [[] for _ in models]
     for m, opt in zip(models, opts):  # warm-up
-        step(m, opt)
+        train_step(m, opt, x, y)
     for _ in range(repeats):
         for i, (m, opt) in enumerate(zip(models, opts)):
             with torch.no_grad():
-                relax[i].append(_time(lambda: m(x)))
-            steps[i].append(_time(lambda: step(m, opt)))
+                relax[i].append(timed(m, x))
+            steps[i].append(timed(train_step, m, opt, x, y))
     return [{"relax_time_s": min(w for w, _ in r), "relax_cpu_s": min(c for _, c in r),
              "step_time_s": min(w for w, _ in t), "step_cpu_s": min(c for _, c in t)} for r, t in zip(relax, steps)]
-
-
-def _grads(model: FFEBM, x, y) -> list[torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = a.norm(), b.norm()
-    return float("nan") if na == 0 or nb == 0 else float(a.flatten() @ b.flatten() / (na * nb))
 
 
 def measure_split(dhn: dict, n_blocks: int, x, y, seed: int, beta: float, tol: float, T1: int, T2: int,
                   update: str, slope: float, variance: float) -> tuple[dict, FFEBM]:
     """Iteration counts and EP-vs-ID agreement of one split on one batch (and its model)."""
-    model = build(dhn, n_blocks, seed, in_size=x.shape[-1], slope=slope, variance=variance, T1=T1, tol=tol,
-                  update=update, estimator="ep", estimator_settings={"beta": beta, "T2": T2, "tol": tol})
+    model = dhn_model(dhn, n_blocks, seed=seed, in_size=x.shape[-1], slope=slope, variance=variance, T1=T1,
+                      tol=tol, update=update, estimator="ep", estimator_settings={"beta": beta, "T2": T2, "tol": tol})
     model = model.to(x.dtype).train()
     sizes = [b.num_layers for b in model.blocks]
+    params = list(model.parameters())
+
+    def loss_fn():
+        return F.cross_entropy(model(x), y)
     # Iterations: one forward + EP backward.
-    ep = _grads(model, x, y)
+    ep = gradients(loss_fn, params)
     stats = model.relax_stats()
     free = [s["free"]["iters"] for s in stats]
     nudged = [s["nudged+"]["iters"] + s["nudged-"]["iters"] for s in stats]
     converged = all(s[p]["converged"] for s in stats for p in ("free", "nudged+", "nudged-"))
     # Gradient agreement with implicit differentiation.
     model.set_estimator("id", max_iter=1000, tol=1e-7)
-    ident = _grads(model, x, y)
+    ident = gradients(loss_fn, params)
     id_conv = all(s["adjoint"]["converged"] for s in model.relax_stats())
     model.set_estimator("ep", beta=beta, T2=T2, tol=tol)
     names = [n for n, _ in model.named_parameters()]
     in_block = {id(p) for b in model.blocks for p in b.parameters()}
-    is_block = [id(p) in in_block for p in model.parameters()]
-    per_tensor = {n: _cos(a, b) for n, a, b in zip(names, ep, ident)}
-    whole = _cos(torch.cat([g.flatten() for g in ep]), torch.cat([g.flatten() for g in ident]))
-    blocks_cos = _cos(torch.cat([g.flatten() for g, k in zip(ep, is_block) if k]),
-                      torch.cat([g.flatten() for g, k in zip(ident, is_block) if k]))
-    block_tensors = [v for (n, v), k in zip(per_tensor.items(), is_block) if k and not math.isnan(v)]
-    flops = [sweep_flops(b, shape, x.shape[0]) for b, shape in zip(model.blocks, block_input_shapes(model, x))]
+    is_block = [id(p) in in_block for p in params]
+    per_tensor = {n: cosine(a, b) for n, a, b in zip(names, ep, ident)}
+    blocks_cos = cosine([g for g, k in zip(ep, is_block) if k], [g for g, k in zip(ident, is_block) if k])
+    block_tensors = [v for v, k in zip(per_tensor.values(), is_block) if k]
+    flops = [sweep_flops(b, tuple(u.shape[1:]), x.shape[0]) for b, u in zip(model.blocks, block_inputs(model, x))]
     L = sum(sizes)
     return {
         "blocks": n_blocks, "layers_per_block": sizes,
@@ -199,7 +159,8 @@ def measure_split(dhn: dict, n_blocks: int, x, y, seed: int, beta: float, tol: f
         "free_gflop": sum(i * f for i, f in zip(free, flops)) / 1e9, "sweep_gflop": [f / 1e9 for f in flops],
         "nudged_iters": nudged, "nudged_iters_total": sum(nudged),
         "converged": converged, "id_converged": id_conv,
-        "cos_ep_id": whole, "cos_ep_id_blocks": blocks_cos, "min_block_tensor_cos_ep_id": min(block_tensors),
+        "cos_ep_id": cosine(ep, ident), "cos_ep_id_blocks": blocks_cos,
+        "min_block_tensor_cos_ep_id": min(block_tensors),
         "cos_ep_id_per_tensor": per_tensor,
     }, model
 
@@ -230,7 +191,9 @@ def markdown(result: dict) -> str:
     for r in result["splits"]:
         base = next(q for q in result["splits"] if q["variance"] == r["variance"] and q["blocks"] == 1) \
             if any(q["blocks"] == 1 and q["variance"] == r["variance"] for q in result["splits"]) else None
-        ratio = (lambda k: f"{base[k] / r[k]:.2f}x" if base else "n/a")  # noqa: E731
+
+        def ratio(k: str, base=base, r=r) -> str:
+            return f"{base[k] / r[k]:.2f}x" if base else "n/a"
         flag = "" if r["converged"] else " (not converged)"
         lines.append(
             f"| {r['variance']:.3g} | {r['blocks']} | {'+'.join(map(str, r['layers_per_block']))} | "
@@ -244,10 +207,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["splits"]
     variances = sorted({r["variance"] for r in rows})
     splits = sorted({r["blocks"] for r in rows})
@@ -318,9 +278,7 @@ def run(args) -> int:
         for n in splits:
             runs = []
             for seed in range(args.seeds):
-                gen = torch.Generator().manual_seed(1000 + seed)
-                x = torch.randn(args.batch, 3, args.in_size, args.in_size, generator=gen).to(dtype)
-                y = torch.randint(0, 10, (args.batch,), generator=gen)
+                x, y = synthetic_images(args.batch, args.in_size, 10, seed=1000 + seed, dtype=dtype)
                 r, model = measure_split(dhn, n, x, y, seed, args.beta, args.tol, args.T1, args.T2, args.update,
                                          args.slope, variance)
                 runs.append(r)

@@ -79,7 +79,7 @@ class HSSM(nn.Module):
         set_estimator(self, estimator, blocks, **settings)
         return self
 
-    def set_scan(self, scan: str) -> "HSSM":
+    def set_scan(self, scan: str) -> HSSM:
         for hru in self.hrus:
             hru.set_scan(scan)
         return self

@@ -110,7 +110,7 @@ class HRU(nn.Module):
         set_estimator(self, estimator, blocks, **settings)
         return self
 
-    def set_scan(self, scan: str) -> "HRU":
+    def set_scan(self, scan: str) -> HRU:
         if scan not in SCANS:
             raise ValueError(f"{type(self).__name__}: unknown scan {scan!r}, expected one of {SCANS}")
         if scan == "parallel" and not hasattr(self, "transition"):

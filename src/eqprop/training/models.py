@@ -3,20 +3,38 @@
 `model.kind` picks the builder: conv -> eqprop.chain.conv_ffebm, dense ->
 eqprop.chain.dense_ffebm, hssm -> eqprop.hamiltonian.build_hssm (imported lazily). The
 estimator named by `algorithm` (with its settings from `estimator.<algorithm>`) is then set
-on every block through the model's `set_estimator`.
+on every block with `eqprop.set_estimator`, and `relax_dtype` on every energy-based block
+with `eqprop.configure_blocks`.
+
+Options of `model.kind: conv` handled here rather than by the builder:
+  readout:     true (default): a linear readout after the last block. false: the last
+               block holds the output layer (num_classes units appended to its `fc`), so
+               rules that need the target (cl, cpl, EP with a cost) can train it.
+  output_bias: with readout false, fill the output layer's bias with this value (e.g. 0.5
+               starts hard-sigmoid output units inside their range); null keeps the init's.
+  pad_to:      zero-pad the (normalised) images to this square size first (e.g. 28 -> 32).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..blocks import EnergyBlock
+from ..chain import FFEBM, configure_blocks, relax_stats
+from ..registry import set_estimator
 from .config import ConfigError
 
+__all__ = ["CONV_OPTIONS", "DTYPES", "RELAX_KEYS", "build_model", "configure_estimator", "configure_relax_dtype",
+           "estimator_settings", "model_inputs", "relax_summary"]
+
 RELAX_KEYS = ("T1", "tol", "update", "first", "check_every")
+CONV_OPTIONS = ("readout", "output_bias", "pad_to")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -34,11 +52,19 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
 
 
 def _check_keys(kind: str, builder: Callable, settings: dict) -> None:
+    """Unknown model settings are errors that list the valid ones; the estimator is never a
+    model setting (it comes from `algorithm` and `estimator.<algorithm>`)."""
+    misplaced = {"estimator", "estimator_settings"} & set(settings)
+    if misplaced:
+        raise ConfigError(f"model.{sorted(misplaced)[0]}: the estimator is chosen by the config keys 'algorithm' and "
+                          f"'estimator.<algorithm>', not inside 'model'")
     params = inspect.signature(builder).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()) and kind == "hssm":
+    if kind == "hssm":
         return  # build_hssm checks its own settings
     allowed = {n for n, p in params.items() if p.kind != p.VAR_KEYWORD} | set(RELAX_KEYS)
     allowed -= {"estimator", "estimator_settings"}
+    if kind == "conv":
+        allowed |= set(CONV_OPTIONS)
     unknown = set(settings) - allowed
     if unknown:
         raise ConfigError(f"model.kind={kind}: unknown model setting(s) {sorted(unknown)}; "
@@ -54,89 +80,130 @@ def model_inputs(dataset) -> dict[str, Any]:
     return info
 
 
-def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
-    """The model of `cfg` for data described by `model_inputs(dataset)`, with its estimator set."""
-    settings = dict(cfg["model"])
-    kind = settings.pop("kind")
-    builder = _builder(kind)
-    _check_keys(kind, builder, settings)
+def _image_size(settings: dict, shape: tuple) -> int:
+    """The square size the first block sees: the images', or `pad_to` when larger."""
+    if shape[1] != shape[2]:
+        raise ConfigError(f"model.kind=conv expects square images, got {shape[1]}x{shape[2]}")
+    pad_to = settings.get("pad_to")
+    if pad_to is None:
+        return shape[1]
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < shape[1]:
+        raise ConfigError(f"model.pad_to must be an integer >= the image size {shape[1]}, got {pad_to!r}")
+    return pad_to
+
+
+def _conv_settings(settings: dict, data_info: dict[str, Any]) -> dict:
+    """Check that images fit the conv model and fill in its input size and classes."""
+    shape = data_info["shape"]
+    if data_info["kind"] != "image" or len(shape) != 3:
+        raise ConfigError(f"model.kind=conv needs images (C, H, W), the dataset gives {data_info['kind']}s {shape}")
+    blocks = settings.get("blocks") or []
+    first = blocks[0].get("channels", [None])[0] if blocks and isinstance(blocks[0], dict) else None
+    if first != shape[0]:
+        raise ConfigError(f"model.blocks[0].channels[0] is {first} but the dataset's images have {shape[0]} "
+                          f"channel(s)")
+    settings.setdefault("in_size", _image_size(settings, shape))
+    settings.setdefault("num_classes", data_info["num_classes"])
+    return settings
+
+
+def _inputs(kind: str, settings: dict, data_info: dict[str, Any]) -> dict:
+    """The builder's settings completed from the data (sizes, features, classes)."""
     shape = data_info["shape"]
     if kind == "conv":
-        if data_info["kind"] != "image" or len(shape) != 3:
-            raise ConfigError(f"model.kind=conv needs images (C, H, W), the dataset gives {data_info['kind']}s {shape}")
-        blocks = settings.get("blocks") or []
-        first = blocks[0].get("channels", [None])[0] if blocks and isinstance(blocks[0], dict) else None
-        if first != shape[0]:
-            raise ConfigError(f"model.blocks[0].channels[0] is {first} but the dataset's images have {shape[0]} "
-                              f"channel(s)")
-        if shape[1] != shape[2]:
-            raise ConfigError(f"model.kind=conv expects square images, got {shape[1]}x{shape[2]}")
-        settings.setdefault("in_size", shape[1])
-        settings.setdefault("num_classes", data_info["num_classes"])
-    elif kind == "dense":
+        return _conv_settings(settings, data_info)
+    if kind == "dense":
         settings.setdefault("in_features", math.prod(shape))
-        settings.setdefault("num_classes", data_info["num_classes"])
     else:
         if data_info["kind"] != "sequence":
             raise ConfigError(f"model.kind=hssm needs sequences (T, F), the dataset gives {data_info['kind']}s")
         settings.setdefault("in_features", shape[-1])
-        settings.setdefault("num_classes", data_info["num_classes"])
+    settings.setdefault("num_classes", data_info["num_classes"])
+    return settings
+
+
+def _conv_model(builder: Callable[..., nn.Module], settings: dict, side: int) -> nn.Module:
+    """conv_ffebm, then the options of CONV_OPTIONS: no readout (the last block holds the
+    output layer), the output layer's bias, zero-padding of `side`-pixel images."""
+    readout, bias, pad_to = (settings.pop(k, d) for k, d in (("readout", True), ("output_bias", None),
+                                                             ("pad_to", None)))
+    if not isinstance(readout, bool):
+        raise ConfigError(f"model.readout must be true or false, got {readout!r}")
+    if bias is not None and readout:
+        raise ConfigError("model.output_bias applies to the output layer of a model without readout "
+                          "(model.readout=false)")
+    if not readout:
+        settings["blocks"] = copy.deepcopy(settings["blocks"])
+        last = settings["blocks"][-1]
+        last["fc"] = [*(last.get("fc") or []), settings["num_classes"]]
+    modules = list(builder(**settings))
+    if not readout:
+        modules = modules[:-2]  # Flatten and the linear readout
+        if bias is not None:
+            with torch.no_grad():
+                modules[-1].couplings[-1].bias.fill_(float(bias))
+    if pad_to is not None and pad_to > side:
+        a = pad_to - side
+        modules.insert(0, nn.ZeroPad2d((a // 2, a - a // 2, a // 2, a - a // 2)))
+    return FFEBM(*modules)
+
+
+def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
+    """The model of `cfg` for data described by `model_inputs(dataset)`, with its estimator
+    and relaxation dtype set."""
+    settings = dict(cfg["model"])
+    kind = settings.pop("kind")
+    builder = _builder(kind)
+    _check_keys(kind, builder, settings)
+    settings = _inputs(kind, settings, data_info)
     try:
-        model = builder(**settings)
-    except TypeError as e:
+        if kind == "conv":
+            model = _conv_model(builder, settings, data_info["shape"][-1])
+        else:
+            model = builder(**settings)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"model.kind={kind}: {e}") from None
-    set_estimator(model, cfg)
+    configure_estimator(model, cfg)
+    configure_relax_dtype(model, cfg)
     return model
 
 
 def estimator_settings(cfg: dict) -> dict:
+    """The settings of the config's algorithm (`estimator.<algorithm>`, empty if absent)."""
     return dict(cfg["estimator"].get(cfg["algorithm"]) or {})
 
 
-def set_estimator(model: nn.Module, cfg: dict) -> None:
-    """model.set_estimator(algorithm, **estimator.<algorithm>) with errors that name the keys."""
-    if not hasattr(model, "set_estimator"):
-        raise ConfigError(f"{type(model).__name__} has no set_estimator; cannot use algorithm={cfg['algorithm']}")
+def configure_estimator(model: nn.Module, cfg: dict) -> None:
+    """eqprop.set_estimator(model, algorithm, **estimator.<algorithm>), with errors that name
+    the config keys."""
+    name, settings = cfg["algorithm"], estimator_settings(cfg)
     try:
-        model.set_estimator(cfg["algorithm"], **estimator_settings(cfg))
+        set_estimator(model, name, **settings)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"algorithm={cfg['algorithm']} with estimator.{cfg['algorithm']}="
-                          f"{estimator_settings(cfg)}: {e}") from None
-    if cfg.get("relax_dtype"):
-        for block in getattr(model, "blocks", []):
-            if hasattr(block, "relax_dtype"):
-                block.relax_dtype = DTYPES[cfg["relax_dtype"]]
+        raise ConfigError(f"algorithm={name} with estimator.{name}={settings}: {e}") from None
+
+
+def configure_relax_dtype(model: nn.Module, cfg: dict) -> None:
+    """Run every energy-based block's relaxations in `relax_dtype` (null: the parameters'
+    dtype). A model without energy-based blocks (an HSSM) cannot take one."""
+    name = cfg.get("relax_dtype")
+    if name is None:
+        return
+    if name not in DTYPES:
+        raise ConfigError(f"config key 'relax_dtype' must be one of {[None, *DTYPES]}, got {name!r}")
+    if not any(isinstance(m, EnergyBlock) for m in model.modules()):
+        raise ConfigError(f"relax_dtype={name}: {type(model).__name__} has no energy-based block whose relaxation "
+                          f"it could set; remove relax_dtype (precision= sets autocast for the other parts)")
+    configure_blocks(model, relax_dtype=DTYPES[name])
 
 
 def relax_summary(model: nn.Module) -> dict[str, float]:
-    """Mean iterations of each phase over the blocks after the last forward/backward
-    (empty for models without relaxation statistics)."""
-    stats = getattr(model, "relax_stats", None)
-    if stats is None:
-        return {}
+    """Mean iterations of each phase over the blocks after the last forward/backward, from
+    eqprop.relax_stats (empty for models without energy-based blocks)."""
     out: dict[str, list[int]] = {}
-    for block in stats():
+    for block in relax_stats(model):
         for phase, st in block.items():
             out.setdefault(phase, []).append(st["iters"])
     return {phase: sum(v) / len(v) for phase, v in out.items()}
-
-
-def blocks_outside_autocast(model: nn.Module) -> None:
-    """Run every energy-based block with autocast off and a full-precision input current.
-
-    `precision=bf16|fp16` autocasts the feedforward parts and the readout; a block's
-    relaxations (and its estimator's backward, which runs outside any autocast context) keep
-    the parameters' dtype, or `relax_dtype` when set, so forward and backward agree.
-    """
-    from ..blocks import EnergyBlock
-
-    for block in model.modules():
-        if isinstance(block, EnergyBlock) and not getattr(block, "_outside_autocast", False):
-            inner = block.forward
-
-            def forward(u, _inner=inner, _block=block):
-                dtype = next(_block.parameters()).dtype
-                with torch.autocast(u.device.type, enabled=False):
-                    return _inner(u.to(dtype))
-            block.forward = forward
-            block._outside_autocast = True

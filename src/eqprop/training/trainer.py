@@ -4,6 +4,13 @@ metrics, checkpoints and resumption.
     trainer = Trainer(load_config("fmnist_cpu", ["epochs=1"]))
     summary = trainer.fit()
 
+What is minimised is the trainer's `Objective`: by default `CrossEntropy` on the model's
+logits with argmax predictions. A network that holds its output layer (no readout) trains
+with `SquaredError`, which also hands the labels to the forward (`model(x, target=y)`) for
+the rules that need the target:
+
+    Trainer(cfg, objective=SquaredError()).fit()
+
 Resuming (`resume=true`) restores model, optimizer, scheduler, RNG states and the position in
 training (epoch and step; the loader's order is a function of seed and epoch, so a run
 interrupted by Ctrl-C mid-epoch continues from the next batch) and, on CPU, ends bit-identical
@@ -17,26 +24,100 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..blocks import DivergenceError
+from ..optional import require
 from . import checkpoint as ckpt_io
 from . import distributed
 from .config import ConfigError, to_yaml
 from .metrics import EpochTotals, MetricsLogger, plot_curves
-from .models import DTYPES, blocks_outside_autocast, build_model, model_inputs, relax_summary
+from .models import DTYPES, build_model, model_inputs, relax_summary
+
+__all__ = ["AUTOCAST", "CrossEntropy", "Objective", "SquaredError", "Trainer", "TrainingError", "make_optimizer",
+           "make_scheduler", "progress_bar", "seed_everything"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, diverged relaxation); the last good checkpoint is kept."""
+
+
+class Objective:
+    """What the trainer minimises and how it reads a model's output (batch, num_classes).
+
+    Subclasses define `loss`; the others have defaults:
+      loss(output, y)     the scalar minimised on a batch (y: integer labels (batch,); 16-bit
+                          outputs arrive as float32)
+      scores(output)      per-class scores, highest = most likely: top-1/top-5 metrics
+      predict(output)     predicted labels: the argmax of the scores
+      target_in_forward   call `model(x, target=y)`, for a model whose last block holds the
+                          output layer and rules that need the target (cl, cpl, EP with a
+                          cost on the output layer). The output (the free equilibrium) does
+                          not depend on the target; rules such as cl refuse a forward
+                          without one even under no_grad, so evaluation passes it too
+    """
+
+    target_in_forward: bool = False
+
+    def loss(self, output: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def scores(self, output: Tensor) -> Tensor:
+        return output
+
+    def predict(self, output: Tensor) -> Tensor:
+        return self.scores(output).argmax(1)
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class CrossEntropy(Objective):
+    """Cross-entropy on logits (the default): a model with a readout."""
+
+    def loss(self, output: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(output, y)
+
+
+class SquaredError(Objective):
+    """1/2 ||s_L - onehot(y)||^2 averaged over the batch, for a network holding its output
+    layer s_L: the labels go to the forward, and the prediction is the most active unit."""
+
+    target_in_forward = True
+
+    def loss(self, output: Tensor, y: Tensor) -> Tensor:
+        onehot = F.one_hot(y, output.shape[1]).to(output.dtype)
+        return 0.5 * ((output - onehot) ** 2).sum(1).mean()
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress bars are off (tqdm is an optional extra)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, iterable=None, **kwargs):
+    """A tqdm bar (the `progress` extra) when enabled, else the iterable itself or a bar that
+    does nothing."""
+    if not enabled:
+        return _NoBar() if iterable is None else iterable
+    tqdm = require("tqdm", "progress", "progress bars").tqdm
+    return tqdm(iterable, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -63,12 +144,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: dict, epochs: int, s
 class Trainer:
     """Builds data, model, optimizer and schedule from a config, and trains.
 
-    `train_set`/`test_set` (eqprop.data.Dataset) replace loading `cfg['dataset']` (tests).
+    `train_set`/`test_set` (eqprop.data.Dataset) replace loading `cfg['dataset']` (tests,
+    studies that share one loaded dataset among runs).
     `on_step(trainer)` is called after every optimizer step (tests, instrumentation).
+    `objective` (an `Objective`) replaces the default `CrossEntropy`.
     """
 
     def __init__(self, cfg: dict, train_set=None, test_set=None, echo: Callable[[str], None] = print,
-                 on_step: Callable[["Trainer"], None] | None = None):
+                 on_step: Callable[[Trainer], None] | None = None, objective: Objective | None = None):
+        if objective is not None and not isinstance(objective, Objective):
+            raise TypeError(f"Trainer: objective must be an eqprop.training.trainer.Objective, got "
+                            f"{type(objective).__name__}")
+        self.objective = objective if objective is not None else CrossEntropy()
         self.cfg = cfg
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
@@ -94,10 +181,14 @@ class Trainer:
         std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(train_set.name)
         common = dict(device=self.device, std_factor=std, rank=self.dist.rank, world_size=self.dist.world_size,
                       dtype=self.dtype, memory_format=fmt)
-        self.train_loader = DeviceLoader(train_set, cfg["batch_size"], train=True, augment=cfg["augment"],
-                                         seed=cfg["seed"], limit=cfg["limit_train"], **common)
-        self.test_loader = DeviceLoader(test_set, cfg["eval_batch_size"], train=False, augment=False,
-                                        limit=cfg["limit_test"], **common)
+        try:
+            self.train_loader = DeviceLoader(train_set, cfg["batch_size"], train=True, augment=cfg["augment"],
+                                             seed=cfg["seed"], limit=cfg["limit_train"], **common)
+            self.test_loader = DeviceLoader(test_set, cfg["eval_batch_size"], train=False, augment=False,
+                                            limit=cfg["limit_test"], **common)
+        except ValueError as e:  # limits or batch sizes that do not fit the data
+            raise ConfigError(f"data loader: {e} (config keys batch_size, eval_batch_size, limit_train, "
+                              f"limit_test)") from None
         if len(self.train_loader) == 0:
             raise ConfigError(f"batch_size {cfg['batch_size']} is larger than the {self.train_loader.num_examples} "
                               f"training examples (the last partial batch is dropped)")
@@ -106,9 +197,7 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
         self.scheduler = make_scheduler(self.optimizer, cfg["optim"], cfg["epochs"], len(self.train_loader))
-        self.autocast = AUTOCAST.get(cfg["precision"])
-        if self.autocast is not None:
-            blocks_outside_autocast(self.model)
+        self.autocast = AUTOCAST.get(cfg["precision"])  # energy-based blocks switch it off themselves
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg["precision"] == "fp16" else None
         self.epoch, self.step = 0, 0          # position: epochs done, steps done in the current epoch
         self.partial: torch.Tensor | None = None  # metric sums of a partly done epoch
@@ -162,17 +251,21 @@ class Trainer:
         self.echo(f"resumed from {path}: continuing at {where}")
 
     # ---- one step, one epoch, evaluation -------------------------------------------------
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_loss(self, x: Tensor, y: Tensor, net: nn.Module) -> tuple[Tensor, Tensor]:
+        """(objective loss, output in at least float32); the labels go to the forward when the
+        objective asks for it."""
+        extra = {"target": y} if self.objective.target_in_forward else {}
         if self.autocast is not None:
             with torch.autocast(self.device.type, dtype=self.autocast):
-                logits = net(x)
+                output = net(x, **extra)
         else:
-            logits = net(x)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        return F.cross_entropy(logits, y), logits
+            output = net(x, **extra)
+        if output.dtype in (torch.float16, torch.bfloat16):
+            output = output.float()
+        return self.objective.loss(output, y), output
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward, loss, backward (the estimators'), optimizer step; (loss, output) detached."""
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
         try:
             loss, logits = self._forward_loss(x, y, self.net)
@@ -194,8 +287,6 @@ class Trainer:
 
     def train_epoch(self) -> dict | None:
         """Train from the current position to the end of the epoch; None if stopped by Ctrl-C."""
-        from tqdm import tqdm
-
         self.net.train()
         loader = self.train_loader
         loader.set_epoch(self.epoch)
@@ -206,8 +297,9 @@ class Trainer:
         for _ in range(self.step):  # batches done before an interruption
             next(batches)
         per_step = self.cfg["optim"]["schedule_unit"] == "step"
-        bar = tqdm(total=len(loader), initial=self.step, desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
-                   disable=not (self.cfg["progress"] and self.dist.is_main), dynamic_ncols=True, leave=True)
+        show = bool(self.cfg["progress"] and self.dist.is_main)
+        bar = progress_bar(show, total=len(loader), initial=self.step, dynamic_ncols=True, leave=True,
+                           desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}")
         every = 1 if self.device.type == "cpu" else 10
         data_time, relax_sums, relax_n, t0 = 0.0, {}, 0, time.perf_counter()
         run_loss = run_correct = run_n = 0.0
@@ -223,7 +315,7 @@ class Trainer:
                     break
                 x, y = batch
                 loss, logits = self.train_step(x, y)
-                totals.add(loss, logits, y)
+                totals.add(loss, self.objective.scores(logits), y)
                 self.step += 1
                 if per_step:
                     self.scheduler.step()
@@ -233,10 +325,10 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self)
                 bar.update(1)
-                if self.step % every == 0 and bar.disable is False:
+                if self.step % every == 0 and show:
                     n = y.shape[0]
                     run_loss += loss.item() * n
-                    run_correct += (logits.argmax(1) == y).sum().item()
+                    run_correct += (self.objective.predict(logits) == y).sum().item()
                     run_n += n
                     post = {"loss": f"{run_loss / run_n:.3f}", "acc": f"{100 * run_correct / run_n:.1f}"}
                     post.update({f"it_{k}": f"{v / relax_n:.1f}" for k, v in relax_sums.items()})
@@ -255,15 +347,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Test loss, top-1 and top-5 over the whole test set (all ranks' shards)."""
-        from tqdm import tqdm
-
         self.model.eval()
         totals = EpochTotals(self.device)
         t0 = time.perf_counter()
-        show = self.cfg["progress"] and self.dist.is_main
-        for x, y in tqdm(self.test_loader, desc="  test", disable=not show, leave=False, dynamic_ncols=True):
-            loss, logits = self._forward_loss(x, y, self.model)
-            totals.add(loss, logits, y)
+        show = bool(self.cfg["progress"] and self.dist.is_main)
+        for x, y in progress_bar(show, self.test_loader, desc="  test", leave=False, dynamic_ncols=True):
+            loss, output = self._forward_loss(x, y, self.model)
+            totals.add(loss, self.objective.scores(output), y)
         totals.sums = distributed.all_reduce_sum(totals.sums, self.dist)
         out = {f"test_{k}": v for k, v in totals.values().items() if k != "count"}
         out["eval_time_s"] = time.perf_counter() - t0
@@ -282,9 +372,13 @@ class Trainer:
         c = self.cfg
         return (f"config {c['name']}: {c['dataset']} ({self.train_loader.num_examples} train / "
                 f"{self.test_loader.num_examples} test), model {c['model']['kind']} with {n:,} parameters, "
-                f"algorithm {c['algorithm']}, {c['epochs']} epochs of {len(self.train_loader)} steps "
+                f"algorithm {c['algorithm']}{self._objective_note()}, "
+                f"{c['epochs']} epochs of {len(self.train_loader)} steps "
                 f"(batch {c['batch_size']}), device {self.device} x{self.dist.world_size}, "
                 f"threads {torch.get_num_threads()}, out_dir {self.out_dir}")
+
+    def _objective_note(self) -> str:
+        return "" if type(self.objective) is CrossEntropy else f" ({self.objective!r})"
 
     def fit(self) -> dict:
         """Train to `epochs`; returns a summary (status 'completed' or 'interrupted')."""
@@ -334,12 +428,20 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
             if logger is not None:
                 logger.close()
-        png = plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png", cfg["name"]) \
-            if self.dist.is_main else None
-        if png is not None:
-            self.echo(f"learning curves: {png}")
+        png = self._plot() if self.dist.is_main else None
         return {"status": status, "epoch": self.epoch, "step": self.step, "last": last, "is_main": self.dist.is_main,
                 "checkpoint": str(self.ckpt_path), "curves": None if png is None else str(png)}
+
+    def _plot(self) -> Path | None:
+        """The learning-curve PNG; without matplotlib (the `plot` extra) a note instead."""
+        try:
+            png = plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png", self.cfg["name"])
+        except ImportError as e:
+            self.echo(f"note: no learning-curve plot: {e}")
+            return None
+        if png is not None:
+            self.echo(f"learning curves: {png}")
+        return png
 
     def close(self) -> None:
         distributed.teardown(self.dist)
