@@ -25,15 +25,22 @@ class Activation:
         return f"{type(self).__name__}()"
 
 
-class HardSigmoid(Activation):
+class SlopedActivation(Activation):
+    """An activation sigma(a z) with a slope a > 0."""
+
+    def __init__(self, slope: float = 1.0):
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not slope > 0:
+            raise ValueError(f"{type(self).__name__}: slope must be a number > 0, got {slope!r}")
+        self.slope = float(slope)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(slope={self.slope})"
+
+
+class HardSigmoid(SlopedActivation):
     """sigma(z) = clamp(a z, 0, 1), the published activation (slope a = 0.5, 0.65 or 1)."""
 
     name = "hardsigmoid"
-
-    def __init__(self, slope: float = 1.0):
-        if not slope > 0:
-            raise ValueError(f"HardSigmoid: slope must be > 0, got {slope!r}")
-        self.slope = float(slope)
 
     def __call__(self, z: Tensor) -> Tensor:
         return (z * self.slope).clamp_(0.0, 1.0)
@@ -41,19 +48,11 @@ class HardSigmoid(Activation):
     def potential(self, s: Tensor) -> Tensor:
         return (s * s).flatten(1).sum(1) / (2 * self.slope)
 
-    def __repr__(self) -> str:
-        return f"HardSigmoid(slope={self.slope})"
 
-
-class Logistic(Activation):
+class Logistic(SlopedActivation):
     """sigma(z) = 1 / (1 + exp(-a z)): smooth, for exact gradient comparisons."""
 
     name = "sigmoid"
-
-    def __init__(self, slope: float = 1.0):
-        if not slope > 0:
-            raise ValueError(f"Logistic: slope must be > 0, got {slope!r}")
-        self.slope = float(slope)
 
     def __call__(self, z: Tensor) -> Tensor:
         return torch.sigmoid(z * self.slope)
@@ -62,9 +61,6 @@ class Logistic(Activation):
         s = s.clamp(1e-12, 1 - 1e-12)
         g = s * torch.log(s) + (1 - s) * torch.log1p(-s)
         return g.flatten(1).sum(1) / self.slope
-
-    def __repr__(self) -> str:
-        return f"Logistic(slope={self.slope})"
 
 
 class Identity(Activation):
@@ -91,4 +87,4 @@ def make_activation(name: str | Activation, slope: float = 1.0) -> Activation:
     raise ValueError(f"unknown activation {name!r}: expected 'hardsigmoid', 'sigmoid' or 'identity'")
 
 
-__all__ = ["Activation", "HardSigmoid", "Logistic", "Identity", "make_activation"]
+__all__ = ["Activation", "SlopedActivation", "HardSigmoid", "Logistic", "Identity", "make_activation"]

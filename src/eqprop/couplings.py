@@ -22,18 +22,26 @@ class Coupling(nn.Module):
     the bias. The adjoint (no bias) is W^T route^T. Keeping the parts apart lets reduced
     precision (eqprop.precision), analyses and benchmarks use any coupling the same way.
 
-    Subclasses implement `linear_map`, `linear_adjoint`, `out_shape` and `macs`, and override
+    Subclasses implement `core`, `linear_map`, `linear_adjoint`, `out_shape` and `macs`, and override
     `route`/`route_adjoint`/`add_bias` when they pool or have no bias.
     """
+
+    def core(self) -> nn.Module:
+        """The module that holds W (`.weight`) and b (`.bias`), e.g. an nn.Conv2d."""
+        raise NotImplementedError
 
     @property
     def weight(self) -> Tensor:
         """The weight of the linear part (what `linear_map(x, weight=...)` replaces)."""
-        raise NotImplementedError
+        return self.core().weight
 
     @property
     def bias(self) -> Tensor | None:
-        raise NotImplementedError
+        return self.core().bias
+
+    def weight_or(self, weight: Tensor | None) -> Tensor:
+        """`weight` when given (a replacement W, e.g. a 16-bit copy), else W."""
+        return self.weight if weight is None else weight
 
     def linear_map(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """W x, bias-free, before routing; `weight` replaces W (e.g. a 16-bit copy)."""
@@ -93,21 +101,14 @@ class DenseCoupling(Coupling):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=bias)
 
-    @property
-    def weight(self) -> Tensor:
-        return self.linear.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.linear.bias
+    def core(self) -> nn.Module:
+        return self.linear
 
     def linear_map(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        w = self.linear.weight if weight is None else weight
-        return x.flatten(1) @ w.t()
+        return x.flatten(1) @ self.weight_or(weight).t()
 
     def linear_adjoint(self, y: Tensor, x_shape: torch.Size, weight: Tensor | None = None) -> Tensor:
-        w = self.linear.weight if weight is None else weight
-        return (y @ w).view(x_shape)
+        return (y @ self.weight_or(weight)).view(x_shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, object]:
         return F.linear(x.flatten(1), self.linear.weight, self.linear.bias), None
@@ -141,21 +142,14 @@ class ConvCoupling(Coupling):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.pool = bool(pool)
 
-    @property
-    def weight(self) -> Tensor:
-        return self.conv.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.conv.bias
+    def core(self) -> nn.Module:
+        return self.conv
 
     def linear_map(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        w = self.conv.weight if weight is None else weight
-        return F.conv2d(x, w, None, padding=self.conv.padding)
+        return F.conv2d(x, self.weight_or(weight), None, padding=self.conv.padding)
 
     def linear_adjoint(self, y: Tensor, x_shape: torch.Size, weight: Tensor | None = None) -> Tensor:
-        w = self.conv.weight if weight is None else weight
-        return F.conv_transpose2d(y, w, None, padding=self.conv.padding)
+        return F.conv_transpose2d(y, self.weight_or(weight), None, padding=self.conv.padding)
 
     @property
     def routed(self) -> bool:

@@ -25,6 +25,7 @@ eqprop.registry. To write a new rule, subclass `ContrastEstimator` and give `con
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -144,8 +145,33 @@ class Estimator:
 
     def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
                record: RelaxRecord | None = None) -> Tensor:
-        """The block's output s*_L, wired so that autograd's backward runs this estimator."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be attached to an energy-based block")
+        """The block's output s*_L, wired so that autograd's backward calls `gradients`.
+        Estimators that differentiate through steps (BPTT, TBP) override this instead."""
+        record = {} if record is None else record
+        return _EquilibriumFunction.apply(u, block, self, s, target, record, *block_parameters(block))
+
+    def gradients(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None,
+                  record: RelaxRecord, need_input: bool) -> tuple[Tensor | None, list[Tensor | None]]:
+        """(dl/du or None, dl/dtheta for `block_parameters(block)`) at the free equilibrium s
+        for the error current delta = dl/ds_L; adds the phases it runs to `record`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compute the gradients of an energy-based block")
+
+
+class _EquilibriumFunction(torch.autograd.Function):
+    """The forward/backward cycle of an energy-based block, in one place. Forward: the free
+    equilibrium's last layer (computed by the block). Backward: the estimator's `gradients`."""
+
+    @staticmethod
+    def forward(ctx, u, block, est, s, target, record, *params):
+        ctx.block, ctx.est, ctx.target, ctx.record = block, est, target, record
+        ctx.save_for_backward(u, *s)
+        return s[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, *s = ctx.saved_tensors
+        grad_u, grads = ctx.est.gradients(ctx.block, u, s, grad_out, ctx.target, ctx.record, ctx.needs_input_grad[0])
+        return (grad_u, None, None, None, None, None, *grads)
 
 
 @dataclass(frozen=True)
@@ -194,7 +220,21 @@ class ContrastEstimator(Estimator):
             # bring the 16-bit free state to the precision of the second phases first
             s, record["refine"] = relax_with_precision(block, u.detach(), s, self.refine, None,
                                                        precision=self.precision)
-        return _ContrastFunction.apply(u, block, self, s, target, record, *block_parameters(block))
+        return super().attach(block, u, s, target=target, record=record)
+
+    def gradients(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None,
+                  record: RelaxRecord, need_input: bool) -> tuple[Tensor | None, list[Tensor | None]]:
+        c = self.contrast(block, u, s, delta, target)
+        record.update(c.stats)
+        # dPhi/du = s_1, so dl/du ~ -(s_1(first) - s_1(second)) / denom
+        grad_u = -(c.first[0] - c.second[0]) * (per_sample(c.weights, u) / c.denom) if need_input else None
+        params = block_parameters(block)
+        if not params:
+            return grad_u, []
+        weights = (-c.weights / c.denom).to(u.dtype).expand(u.shape[0])
+        with torch.enable_grad():
+            diff = block.phi(c.first, u) - block.phi(c.second, u)
+            return grad_u, list(torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True))
 
     def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None) -> Contrast:
         """The two states for the error current `delta` = dl/ds_L (and the target, if any)."""
@@ -213,40 +253,22 @@ class ContrastEstimator(Estimator):
         s, stats["reference"] = self.relax(block, u, s)
         return s
 
+    def by_variant(self, variant: str, phase: Callable[[int], State], strength: float, weights: Tensor,
+                   block: EnergyBlock, u: Tensor, s: State, stats: dict[str, RelaxStats]) -> Contrast:
+        """The contrast of a signed family of phases: phase(+1) against phase(-1) over
+        2 strength ('centered'), or one of them against the reference state over strength."""
+        if variant == "centered":
+            return Contrast(phase(1), phase(-1), 2 * strength, weights, stats)
+        ref = self.reference(block, u, s, stats)
+        if variant == "positive":
+            return Contrast(phase(1), ref, strength, weights, stats)
+        return Contrast(ref, phase(-1), strength, weights, stats)
+
     def target_and_weights(self, block: EnergyBlock, s: State, delta: Tensor, target: Tensor
                            ) -> tuple[Tensor, Tensor]:
         """(y shaped like s_L, per-sample loss weights w with delta = w (s_L - y))."""
         y = target_like(block, target, s[-1], self.name)
         return y, loss_weights(delta, s[-1], y, self.name, block)
-
-
-class _ContrastFunction(torch.autograd.Function):
-    """Forward: the free equilibrium's last layer. Backward: the estimator's two states."""
-
-    @staticmethod
-    def forward(ctx, u, block, est, s, target, record, *params):
-        ctx.block, ctx.est, ctx.target, ctx.record = block, est, target, record
-        ctx.save_for_backward(u, *s)
-        return s[-1].clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        u, *s = ctx.saved_tensors
-        block, est = ctx.block, ctx.est
-        c = est.contrast(block, u, s, grad_out, ctx.target)
-        ctx.record.update(c.stats)
-        grad_u = None
-        if ctx.needs_input_grad[0]:
-            # dPhi/du = s_1, so dl/du ~ -(s_1(first) - s_1(second)) / denom
-            grad_u = -(c.first[0] - c.second[0]) * (per_sample(c.weights, u) / c.denom)
-        params = block_parameters(block)
-        grads = [None] * len(params)
-        if params:
-            weights = (-c.weights / c.denom).to(u.dtype).expand(u.shape[0])
-            with torch.enable_grad():
-                diff = block.phi(c.first, u) - block.phi(c.second, u)
-                grads = torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True)
-        return (grad_u, None, None, None, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,12 +321,7 @@ class EP(ContrastEstimator):
             state, stats["nudged+" if sign > 0 else "nudged-"] = self.relax(block, u, s, nudge=nudge(sign))
             return state
 
-        if self.variant == "centered":
-            return Contrast(nudged(1), nudged(-1), 2 * self.beta, w, stats)
-        ref = self.reference(block, u, s, stats)
-        if self.variant == "positive":
-            return Contrast(nudged(1), ref, self.beta, w, stats)
-        return Contrast(ref, nudged(-1), self.beta, w, stats)
+        return self.by_variant(self.variant, nudged, self.beta, w, block, u, s, stats)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,48 +344,32 @@ class ID(Estimator):
         check_tol(self.name, self.tol)
         check_positive_int(self.name, "check_every", self.check_every, allow_none=True)
 
-    def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
-               record: RelaxRecord | None = None) -> Tensor:
-        record = {} if record is None else record
-        return _IDFunction.apply(u, block, self, s, record, *block_parameters(block))
-
-
-class _IDFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, block, est, s, record, *params):
-        ctx.block, ctx.est, ctx.record = block, est, record
-        ctx.save_for_backward(u, *s)
-        return s[-1].clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        u, *s = ctx.saved_tensors
-        block, est = ctx.block, ctx.est
+    def gradients(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None,
+                  record: RelaxRecord, need_input: bool) -> tuple[Tensor | None, list[Tensor | None]]:
         params = block_parameters(block)
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in s]
-            u_in = u.detach().requires_grad_(ctx.needs_input_grad[0])
+            u_in = u.detach().requires_grad_(need_input)
             f = block.fixed_point_map(leaves, u_in)
             # Layers whose map does not depend on the states (e.g. one layer) get zero vjp.
-            delta = [torch.zeros_like(x) for x in s[:-1]] + [grad_out]
-            lam = [d.clone() for d in delta]
-            every = est.check_every or (1 if grad_out.device.type == "cpu" else 10)
-            iters, converged = 0, None if est.tol is None else False
-            while iters < est.max_iter:
+            rhs = [torch.zeros_like(x) for x in s[:-1]] + [delta]
+            lam = [d.clone() for d in rhs]
+            every = self.check_every or (1 if delta.device.type == "cpu" else 10)
+            iters, converged = 0, None if self.tol is None else False
+            while iters < self.max_iter:
                 vjp = torch.autograd.grad(f, leaves, grad_outputs=lam, retain_graph=True, allow_unused=True)
-                new = [d + (v if v is not None else 0) for d, v in zip(delta, vjp)]
+                new = [d + (v if v is not None else 0) for d, v in zip(rhs, vjp)]
                 iters += 1
-                check = est.tol is not None and (iters % every == 0 or iters == est.max_iter)
-                if check and relative_change(new, lam).item() < est.tol:
+                check = self.tol is not None and (iters % every == 0 or iters == self.max_iter)
+                if check and relative_change(new, lam).item() < self.tol:
                     lam, converged = new, True
                     break
                 lam = new
-            inputs = ([u_in] if ctx.needs_input_grad[0] else []) + params
-            grads = torch.autograd.grad(f, inputs, grad_outputs=lam, allow_unused=True) if inputs else []
-        ctx.record["adjoint"] = RelaxStats(iters, float("nan"), converged)
-        grads = list(grads)
-        grad_u = grads.pop(0) if ctx.needs_input_grad[0] else None
-        return (grad_u, None, None, None, None, *grads)
+            inputs = ([u_in] if need_input else []) + params
+            grads = list(torch.autograd.grad(f, inputs, grad_outputs=lam, allow_unused=True)) if inputs else []
+        record["adjoint"] = RelaxStats(iters, float("nan"), converged)
+        grad_u = grads.pop(0) if need_input else None
+        return grad_u, grads
 
 
 @dataclass(frozen=True, kw_only=True)

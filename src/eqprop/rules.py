@@ -130,12 +130,7 @@ class CpL(ContrastEstimator):
                                                                         clamp=out + sign * self.eta * (y - out))
             return state
 
-        if self.variant == "centered":
-            return Contrast(held(1), held(-1), 2 * self.eta, w, stats)
-        ref = self.reference(block, u, s, stats)
-        if self.variant == "positive":
-            return Contrast(held(1), ref, self.eta, w, stats)
-        return Contrast(ref, held(-1), self.eta, w, stats)
+        return self.by_variant(self.variant, held, self.eta, w, block, u, s, stats)
 
 
 @dataclass(frozen=True, kw_only=True)
