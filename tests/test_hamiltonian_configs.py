@@ -3,6 +3,7 @@ and train a step through the ordinary trainer."""
 import pytest
 import torch
 
+from eqprop import RHEL, make_estimator
 from eqprop.data import Dataset
 from eqprop.hamiltonian import HSSM
 from eqprop.training.config import ConfigError, list_configs, load_config
@@ -32,7 +33,25 @@ def test_every_sequence_config_builds_with_either_estimator(name, algorithm):
     (T, F), k = SEQ_SHAPES[cfg["dataset"]]
     model = build_model(cfg, {"num_classes": k, "kind": "sequence", "shape": (T, F)})
     assert isinstance(model, HSSM) and model.head.out_features == k and model.in_features == F
-    assert all(h.estimator == algorithm for h in model.hrus)
+    expected = make_estimator(algorithm, **cfg["estimator"][algorithm])
+    assert all(h.estimator == expected for h in model.hrus)  # the config's settings, e.g. rhel's eps
+
+
+def test_estimator_settings_reach_every_unit():
+    cfg = load_config("seq_fmnist_row", ["algorithm=rhel", "estimator.rhel.eps=0.003", "model.n_blocks=3"])
+    model = build_model(cfg, {"num_classes": 10, "kind": "sequence", "shape": (28, 28)})
+    assert [h.estimator for h in model.hrus] == [RHEL(eps=0.003, normalize="sample")] * 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("relax_dtype=bfloat16", "relax_dtype=bfloat16: HSSM has no energy-based block"),
+    ("+model.estimator_settings={eps: 0.1}", "model.estimator_settings: the estimator is chosen by"),
+    ("model.hiden=8", r"build_hssm: unknown setting\(s\) \['hiden'\]"),
+])
+def test_sequence_config_errors(override, message):
+    cfg = load_config("seq_fmnist_row", [override])
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg, {"num_classes": 10, "kind": "sequence", "shape": (28, 28)})
 
 
 def test_bptt_truncation_is_refused():

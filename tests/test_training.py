@@ -1,12 +1,18 @@
 """Trainer: metrics, curves, NaN handling, precision; the train/eval commands end to end."""
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from eqprop import EnergyBlock
 from eqprop.cli import main
 from eqprop.training import checkpoint
-from eqprop.training.trainer import Trainer, TrainingError
+from eqprop.training.config import ConfigError
+from eqprop.training.metrics import read_metrics
+from eqprop.training.models import build_model, relax_summary
+from eqprop.training.trainer import CrossEntropy, SquaredError, Trainer, TrainingError
 from test_training_helpers import synthetic_images, tiny_config, write_fashion_mnist
 
 TRAIN, TEST = synthetic_images(96, seed=1), synthetic_images(64, seed=2, split="test")
@@ -42,25 +48,95 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
-def test_sgd_step_schedule_and_bf16_autocast(tmp_path):
-    cfg = tiny_config(tmp_path, "epochs=1", "optim.name=sgd", "optim.schedule_unit=step", "precision=bf16",
-                      "estimator.ep.variant=positive")
-    summary = Trainer(cfg, TRAIN, TEST, **QUIET).fit()
-    assert summary["status"] == "completed" and summary["last"]["train_loss"] > 0
+def train_losses(out_dir):
+    return [r["train_loss"] for r in read_metrics(out_dir / "metrics.jsonl")]
+
+
+def test_sgd_with_a_step_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, "epochs=1", "optim.name=sgd", "optim.lr=0.5", "optim.schedule_unit=step")
+    trainer = Trainer(cfg, TRAIN, TEST, **QUIET)
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    lrs = []
+    trainer.on_step = lambda t: lrs.append(t.optimizer.param_groups[0]["lr"])
+    assert trainer.fit()["status"] == "completed"
+    assert len(lrs) == len(trainer.train_loader) and all(a > b for a, b in zip(lrs, lrs[1:]))  # every step
+
+
+def test_bf16_autocast_with_blocks(tmp_path):
+    """bf16 autocast runs the feedforward parts in bfloat16 while every block switches autocast
+    off itself: the blocks take a bf16 current and return float32, and training still learns."""
+    cfg = tiny_config(tmp_path, "precision=bf16", "estimator.ep.variant=positive")
+    trainer = Trainer(cfg, TRAIN, TEST, **QUIET)
+    seen = []
+    for block in trainer.model.blocks:
+        block.register_forward_hook(lambda _m, args, out: seen.append((args[0].dtype, out.dtype)))
+    summary = trainer.fit()
+    assert summary["status"] == "completed"
+    assert seen and {d for pair in seen for d in pair} <= {torch.bfloat16, torch.float32}
+    assert any(inp == torch.bfloat16 for inp, _ in seen)  # the conv before a block ran in bf16
+    assert all(out == torch.float32 for _, out in seen)  # the block ran with autocast off
+    losses = train_losses(tmp_path)
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0] - 0.1
+    assert summary["last"]["test_top1"] >= 90.0
+
+
+def test_bf16_autocast_gradient_agrees_with_float32(tmp_path):
+    """Autocast touches only the feedforward parts: block gradients stay close to float32's."""
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(tiny_config(tmp_path, f"precision={precision}"), TRAIN, TEST, **QUIET)
+        x, y = next(iter(trainer.train_loader))
+        loss, _ = trainer._forward_loss(x, y, trainer.model)
+        loss.backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in trainer.model.blocks[0].parameters()])
+    assert torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], 0) > 0.98
 
 
 @pytest.mark.parametrize("algorithm", ["id", "bptt"])
 def test_other_estimators_train(tmp_path, algorithm):
-    cfg = tiny_config(tmp_path, "epochs=1", f"algorithm={algorithm}", "estimator.bptt.T2=3")
+    cfg = tiny_config(tmp_path, f"algorithm={algorithm}", "estimator.bptt.T2=3")
     trainer = Trainer(cfg, TRAIN, TEST, **QUIET)
     assert type(trainer.model.blocks[0].estimator).__name__.lower() == algorithm
-    assert trainer.fit()["last"]["train_loss"] > 0
+    assert trainer.fit()["status"] == "completed"
+    losses = train_losses(tmp_path)
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0] - 0.1
+
+
+def test_default_objective_is_cross_entropy_on_logits(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), TRAIN, TEST, **QUIET)
+    assert isinstance(trainer.objective, CrossEntropy) and not trainer.objective.target_in_forward
+    x, y = next(iter(trainer.test_loader))
+    with torch.no_grad():
+        loss, out = trainer._forward_loss(x, y, trainer.model)
+        logits = trainer.model(x)
+    assert torch.equal(out, logits) and torch.equal(loss, F.cross_entropy(logits, y))
+    assert torch.equal(trainer.objective.predict(out), logits.argmax(1))
+    with pytest.raises(TypeError, match="objective must be"):
+        Trainer(tiny_config(tmp_path), TRAIN, TEST, objective=F.mse_loss, **QUIET)
+
+
+def test_squared_error_objective_hands_the_target_to_the_forward(tmp_path):
+    """A network holding its output layer (readout=false) trains by cl, which needs the
+    target; predictions are the most active output unit."""
+    cfg = tiny_config(tmp_path, "model.readout=false", "algorithm=cl", "+estimator.cl.T2=3", "epochs=3",
+                      "optim.lr=0.02")
+    phases = set()
+    record = lambda t: phases.update(t.model[-1].last_relax)
+    trainer = Trainer(cfg, TRAIN, TEST, objective=SquaredError(), on_step=record, **QUIET)
+    assert isinstance(trainer.model[-1], EnergyBlock) and type(trainer.model[-1].estimator).__name__ == "CL"
+    out = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.3]])
+    assert torch.equal(trainer.objective.predict(out), torch.tensor([1, 0]))
+    assert trainer.objective.loss(out, torch.tensor([1, 0])).item() == pytest.approx(0.5 * (0.02 + 0.22) / 2)
+    summary = trainer.fit()
+    losses = train_losses(tmp_path)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert summary["last"]["test_top1"] >= 75.0
+    assert phases == {"free", "clamped"}  # cl's backward saw the target
 
 
 def test_dense_model_and_bad_estimator_setting(tmp_path):
     cfg = tiny_config(tmp_path, "epochs=1", "model={kind: dense, blocks: [[16, 8]], T1: 3}")
     assert Trainer(cfg, TRAIN, TEST, **QUIET).fit()["status"] == "completed"
-    from eqprop.training.config import ConfigError
     with pytest.raises(ConfigError, match=r"algorithm=ep .*gamma"):
         Trainer(tiny_config(tmp_path, "estimator.ep.gamma=1"), TRAIN, TEST, **QUIET)
     with pytest.raises(ConfigError, match=r"unknown model setting\(s\) \['widht'\]"):
@@ -105,7 +181,6 @@ def test_command_errors(tmp_path, capsys):
 def test_hssm_kind_dispatches_to_build_hssm(tmp_path):
     from eqprop.data import Dataset
     from eqprop.hamiltonian import HSSM
-    from eqprop.training.config import ConfigError
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (48,), generator=g)
@@ -118,3 +193,55 @@ def test_hssm_kind_dispatches_to_build_hssm(tmp_path):
     assert trainer.fit()["status"] == "completed"
     with pytest.raises(ConfigError, match="model.kind=conv needs images"):
         Trainer(tiny_config(tmp_path), seq, seq, **QUIET)
+
+
+def image_info(shape=(1, 8, 8), classes=4):
+    return {"num_classes": classes, "kind": "image", "shape": shape}
+
+
+def test_conv_model_holding_its_output_layer(tmp_path):
+    """readout=false: the last block holds num_classes output units; output_bias fills their
+    bias; pad_to zero-pads the images first (the block then sees the padded size)."""
+    cfg = tiny_config(tmp_path, "model.readout=false", "model.output_bias=0.5", "model.pad_to=12",
+                      "model.last_linear=true", "model.batchnorm=false")
+    model = build_model(cfg, image_info())
+    assert isinstance(model[0], torch.nn.ZeroPad2d) and isinstance(model[-1], EnergyBlock)
+    out_layer = model[-1].couplings[-1]
+    assert out_layer.weight.shape[0] == 4 and torch.all(out_layer.bias == 0.5)
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm2d)) for m in model)
+    x = torch.randn(2, 1, 8, 8)
+    assert model[0](x).shape == (2, 1, 12, 12)
+    with torch.no_grad():
+        assert model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.output_bias=0.5", "output_bias applies to the output layer of a model without readout"),
+    ("model.readout=maybe", "model.readout must be true or false"),
+    ("model.pad_to=6", "model.pad_to must be an integer >= the image size 8"),
+    ("+model.estimator=cl", "model.estimator: the estimator is chosen by the config keys 'algorithm'"),
+    ("model.blocks=[{channels: [1, 4], pools: 'mm'}]", "model.kind=conv: conv_ffebm: block 0 needs channels"),
+])
+def test_conv_model_option_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(tiny_config(tmp_path, override), image_info())
+
+
+def test_relax_dtype_goes_to_every_block_and_only_to_blocks(tmp_path):
+    cfg = tiny_config(tmp_path, "relax_dtype=bfloat16", 'model.blocks=[{channels: [1, 4], pools: "m"}, '
+                      '{channels: [4, 4], pools: "-"}]')
+    model = build_model(cfg, image_info())
+    assert [b.relax_dtype for b in model.blocks] == [torch.bfloat16, torch.bfloat16]
+    assert all(b.relax_dtype is None for b in build_model(tiny_config(tmp_path), image_info()).blocks)
+    hssm = tiny_config(tmp_path, "model={kind: hssm, hidden: 8, state_size: 4, n_blocks: 1}", "algorithm=rhel",
+                       "relax_dtype=bfloat16")
+    with pytest.raises(ConfigError, match="relax_dtype=bfloat16: HSSM has no energy-based block"):
+        build_model(hssm, {"num_classes": 3, "kind": "sequence", "shape": (6, 2)})
+
+
+def test_relax_summary_reads_the_relaxation_records(tmp_path):
+    model = build_model(tiny_config(tmp_path, "model.readout=false", "algorithm=cep", "+estimator.cep.T2=3"),
+                        image_info())
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    SquaredError().loss(model(x, target=y), y).backward()
+    assert relax_summary(model) == {"free": 4.0, "nudged+": 3.0, "nudged-": 3.0}
