@@ -212,6 +212,8 @@ class ContrastEstimator(Estimator):
     def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
                record: RelaxRecord | None = None) -> Tensor:
         record = {} if record is None else record
+        if not (torch.is_grad_enabled() and (u.requires_grad or block_parameters(block))):
+            return s[-1]  # no backward will run: evaluation needs no target
         if target is None and self.needs_target:
             raise ValueError(f"{self.name} ({block.block_name}): no target given; {self.name} is only defined for "
                              f"a block that holds the output layer: call model(x, target=y) or wrap the forward "
