@@ -212,16 +212,16 @@ class ContrastEstimator(Estimator):
     def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
                record: RelaxRecord | None = None) -> Tensor:
         record = {} if record is None else record
+        if self.refine and self.precision != "block" and low_dtype(block, u) is not None:
+            # bring the 16-bit free state to the precision of the second phases first
+            s, record["refine"] = relax_with_precision(block, u.detach(), s, self.refine, None,
+                                                       precision=self.precision)
         if not (torch.is_grad_enabled() and (u.requires_grad or block_parameters(block))):
             return s[-1]  # no backward will run: evaluation needs no target
         if target is None and self.needs_target:
             raise ValueError(f"{self.name} ({block.block_name}): no target given; {self.name} is only defined for "
                              f"a block that holds the output layer: call model(x, target=y) or wrap the forward "
                              f"in `with eqprop.targets(model, y): ...`")
-        if self.refine and self.precision != "block" and low_dtype(block, u) is not None:
-            # bring the 16-bit free state to the precision of the second phases first
-            s, record["refine"] = relax_with_precision(block, u.detach(), s, self.refine, None,
-                                                       precision=self.precision)
         return super().attach(block, u, s, target=target, record=record)
 
     def gradients(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None,
