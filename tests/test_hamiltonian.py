@@ -1,4 +1,4 @@
-"""Hamiltonian recurrent units and RHEL (SPEC §9): RHEL against autograd through the steps."""
+"""Hamiltonian recurrent units and RHEL: RHEL against autograd through the steps (BPTT)."""
 import math
 
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eqprop import BPTT, RHEL
 from eqprop.hamiltonian import HSSM, LinearHRU, NonlinearHRU, build_hssm, reverse, rhel_readout
 
 DT = torch.float64
@@ -18,9 +19,11 @@ def _unit(kind: str, seed: int = 0, H: int = 3, P: int = 4):
 
 def _grads(unit, u, y0, z0, weights, estimator, eps=1e-5):
     """Gradients of sum(weights * outputs) w.r.t. every parameter, u, y0 and z0."""
-    unit.set_estimator(estimator, eps=eps)
     leaves = [x.detach().requires_grad_(True) for x in (u, y0, z0)]
-    out = rhel_readout(unit, *leaves) if estimator == "rhel" else unit.trajectory(*leaves, readout=True)[0]
+    if estimator == "rhel":
+        out = rhel_readout(unit, *leaves, estimator=RHEL(eps=eps))
+    else:
+        out = unit.trajectory(*leaves, readout=True)[0]
     names = [n for n, _ in unit.named_parameters()]
     grads = torch.autograd.grad((out * weights).sum(), list(unit.parameters()) + leaves)
     return dict(zip(names + ["u", "y0", "z0"], grads))
@@ -71,10 +74,11 @@ def test_parallel_scan_equals_step_loop():
     g_loop = torch.autograd.grad(loop[0].square().sum(), [u, unit.A_raw, unit.dt_raw])
     for a, b in zip(g_par, g_loop):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
-    unit.set_estimator("rhel", eps=1e-3)
-    g_rhel = torch.autograd.grad(rhel_readout(unit, u, y0, z0).square().sum(), [u, unit.A_raw, unit.dt_raw])
+    g_rhel = torch.autograd.grad(rhel_readout(unit, u, y0, z0, estimator=RHEL(eps=1e-3)).square().sum(),
+                                 [u, unit.A_raw, unit.dt_raw])
     unit.set_scan("loop")
-    g_ref = torch.autograd.grad(unit.trajectory(u, y0, z0, readout=True)[0].square().sum(), [u, unit.A_raw, unit.dt_raw])
+    g_ref = torch.autograd.grad(unit.trajectory(u, y0, z0, readout=True)[0].square().sum(),
+                                [u, unit.A_raw, unit.dt_raw])
     for a, b in zip(g_rhel, g_ref):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-8 * b.abs().max().item())
 
@@ -95,26 +99,29 @@ def test_forward_then_unnudged_echo_returns_initial_state(kind):
 def test_two_block_hssm_end_to_end_rhel_equals_bptt(kind, readout):
     torch.manual_seed(3)
     net = build_hssm(in_features=3, num_classes=4, hidden=6, state_size=5, n_blocks=2, unit=kind,
-                     readout=readout, eps=1e-5).to(DT)
+                     readout=readout, estimator_settings={"eps": 1e-5}).to(DT)
     x = torch.randn(4, 20, 3, dtype=DT, requires_grad=True)
     y = torch.tensor([0, 1, 3, 2])
 
-    def grads(est):
-        net.set_estimator(est)
+    def grads(est, **settings):
+        net.set_estimator(est, **settings)
+        assert all(h.estimator == (RHEL(eps=1e-5) if est == "rhel" else BPTT(T2=None)) for h in net.hrus)
         return torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()) + [x])
 
     names = [n for n, _ in net.named_parameters()] + ["x"]
-    for name, a, b in zip(names, grads("rhel"), grads("bptt")):
+    for name, a, b in zip(names, grads("rhel", eps=1e-5), grads("bptt", T2=None)):
+        assert b.norm() > 0, name
         assert ((a - b).norm() / b.norm()).item() <= 1e-6, name
 
 
 def test_float32_rhel_close_to_bptt_in_training_precision():
     torch.manual_seed(0)
-    net = HSSM(in_features=4, num_classes=3, hidden=8, state_size=8, n_blocks=2, unit="nonlinear", eps=1e-2)
+    net = HSSM(in_features=4, num_classes=3, hidden=8, state_size=8, n_blocks=2, unit="nonlinear",
+               estimator_settings={"eps": 1e-2})
     x, y = torch.randn(8, 40, 4), torch.randint(0, 3, (8,))
     flat = {}
-    for est in ("rhel", "bptt"):
-        net.set_estimator(est)
+    for est, settings in (("rhel", {"eps": 1e-2}), ("bptt", {"T2": None})):
+        net.set_estimator(est, **settings)
         net.zero_grad()
         F.cross_entropy(net(x), y).backward()
         flat[est] = torch.cat([p.grad.flatten() for p in net.parameters()])
@@ -138,7 +145,7 @@ def _saved_bytes(unit, L):
 def test_rhel_saves_nothing_that_grows_with_length():
     unit = _unit("nonlinear")
     rhel = [_saved_bytes(unit.set_estimator("rhel"), L) for L in (50, 200)]
-    bptt = [_saved_bytes(unit.set_estimator("bptt"), L) for L in (50, 200)]
+    bptt = [_saved_bytes(unit.set_estimator("bptt", T2=None), L) for L in (50, 200)]
     assert rhel[0] == rhel[1]
     assert bptt[1] > 3 * bptt[0]
 
