@@ -22,12 +22,12 @@ from .datasets import Dataset
 
 __all__ = ["AUGMENTED", "STD_FACTORS", "DeviceLoader", "crop_flip", "default_std_factor"]
 
-AUGMENTED = ("cifar10", "cifar100", "imagenet32")  # augmentation on by default for these (SPEC §6)
+AUGMENTED = ("cifar10", "cifar100", "imagenet32")  # augmentation on by default for these, as published
 STD_FACTORS = {"cifar10": 3.0, "cifar100": 3.0, "imagenet32": 1.5}
 
 
 def default_std_factor(name: str) -> float:
-    """SPEC §6: normalise by 3x the std for CIFAR, 1.5x for ImageNet32; 1 otherwise."""
+    """The published normalisation: by 3x the std for CIFAR, 1.5x for ImageNet32; 1 otherwise."""
     return STD_FACTORS.get(name, 1.0)
 
 
