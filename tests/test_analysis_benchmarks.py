@@ -1,70 +1,131 @@
-"""The benchmark suite's pieces (benchmarks/run.py) at tiny sizes."""
-import importlib.util
+"""The benchmark suite's parts (benchmarks/) at tiny sizes."""
 import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
+
+from eqprop.analysis.splitting import sweep_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("eqprop_benchmarks", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark package (benchmarks/ at the repository root), imported as `make bench` runs it."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import common, memory, relax, run
+    finally:
+        sys.path.remove(str(ROOT))
+    return {"common": common, "memory": memory, "relax": relax, "run": run}
 
 
 @pytest.mark.parametrize("name", ["L6", "L12"])
 def test_analytic_flops_match_torch_flop_counter(bench, name):
-    model = bench.build(name, 16, "cpu")
-    x, _ = bench.batch(2, "cpu")
-    us = bench.block_inputs(model, x)
+    common = bench["common"]
+    model = common.build(name, 16, "cpu")
+    x, _ = common.batch(2, "cpu")
+    us = common.block_inputs(model, x)
     assert len(us) == len(model.blocks)
     for block, u in zip(model.blocks, us):
-        block.update = "sync"
+        block.configure(update="sync")
         with FlopCounterMode(display=False) as counter:
             block.relax(u, T=3, tol=None)
-        assert counter.get_total_flops() == 3 * bench.coupling_flops(block, u)
+        assert counter.get_total_flops() == 3 * sweep_flops(block, tuple(u.shape[1:]), u.shape[0])
 
 
-def test_scaled_models_keep_the_image_channels(bench):
-    spec = bench.scaled_blocks(bench.MODELS["L6"]["blocks"], 8)
-    assert spec == [{"channels": [3, 16, 32, 32], "pools": "mmm"},
-                    {"channels": [32, 64, 64], "pools": "m-", "fc": [32]}]
-    assert sum(b.num_layers for b in bench.build("L12", 16, "cpu").blocks) == 12
+def test_benchmark_models_are_the_published_splits(bench):
+    common = bench["common"]
+    l6 = common.build("L6", 8, "cpu")
+    # L = 6 cut into 2 blocks, widths / 8: convs 16 -> 32 -> 32 in block 1; 64 -> 64 at 2x2, then
+    # dense 64 x 2 x 2 -> 32 in block 2
+    assert [tuple(c.weight.shape) for b in l6.blocks for c in b.couplings] == [
+        (32, 16, 3, 3), (32, 32, 3, 3), (64, 64, 3, 3), (32, 256)]
+    assert [(b.T1, b.update, b.estimator.beta, b.estimator.T2) for b in l6.blocks] == [(60, "async", 0.2, 20)] * 2
+    l12 = common.build("L12", 16, "cpu", estimator="bptt", T2=3)
+    assert [b.num_layers for b in l12.blocks] == [2] * 6
+    assert {(b.T1, b.estimator.name, b.estimator.T2) for b in l12.blocks} == {(15, "bptt", 3)}
 
 
-def test_memory_case_reports_a_step_peak(bench):
-    out = bench.memory_case({"model": "L12", "batch": 2, "estimator": "bptt", "T2": 2, "div": 32, "device": "cpu"})
-    assert out["peak_mib"] >= 0 and out["total_peak_mib"] > out["peak_mib"] and out["seconds"] > 0
+def test_step_memory_grows_with_T2_for_bptt_and_not_for_ep(bench):
+    """Each case in a fresh process, as the memory part runs them (the three at once)."""
+    memory = bench["memory"]
+    cases = [("bptt", 2), ("bptt", 20), ("ep", 20)]
+    spec = {"model": "L12", "batch": 4, "div": 16, "device": "cpu", "threads": 1}
+    with ThreadPoolExecutor(len(cases)) as pool:
+        outs = list(pool.map(lambda c: memory.run_case({**spec, "estimator": c[0], "T2": c[1]}), cases))
+    peak = {c: out["peak_mib"] for c, out in zip(cases, outs)}
+    # BPTT keeps every unrolled step for its backward: at least the states of the 12 layers
+    # (4 x (4 x 8 x 16 x 16 + 4 x 16 x 8 x 8 + 4 x 32 x 4 x 4) floats = 0.22 MiB) per step
+    states_mib = 4 * (4 * 8 * 256 + 4 * 16 * 64 + 4 * 32 * 16) * 4 / 2 ** 20
+    assert peak["bptt", 20] - peak["bptt", 2] > 18 * states_mib, peak
+    # EP's nudged phases keep nothing per step: 20 of them need less than 2 unrolled BPTT steps
+    assert peak["ep", 20] < peak["bptt", 2], peak
+    assert all(out["total_peak_mib"] > out["peak_mib"] for out in outs)
+
+
+def test_relax_part_counts_the_couplings_flops(bench):
+    rows = bench["relax"].part_relax(["L12"], [2], 32, "cpu", 1, False, 2)
+    assert [(r["update"], r["dtype"], r["layout"]) for r in rows] == [
+        (u, d, layout) for u in ("sync", "async") for d in ("float32", "bfloat16")
+        for layout in ("nchw", "channels_last")]
+    # widths / 32: one 3x3 conv inside each of the 6 blocks, 36864 multiply-adds per sample each
+    # (4 -> 4 at 16x16, 8 -> 8 at 8x8, 16 -> 16 at 4x4); map and adjoint, 2 FLOPs each, batch 2, 2 sweeps
+    assert {r["flop_per_relax"] for r in rows} == {6 * 36864 * 2 * 2 * 2 * 2}
+    assert all(r["sweeps"] == 2 and r["gflops"] == pytest.approx(r["flop_per_relax"] / r["seconds"] / 1e9)
+               for r in rows)
 
 
 def test_step_part_writes_json_and_markdown(bench, tmp_path):
-    rc = bench.main(["--quick", "--parts", "step", "--models", "L12", "--batch", "2", "--out", str(tmp_path),
-                     "--tag", "t"])
+    rc = bench["run"].main(["--quick", "--parts", "step", "--models", "L12", "--batch", "2", "--out", str(tmp_path),
+                            "--tag", "t"])
     assert rc == 0
     res = json.loads((tmp_path / "t.json").read_text())
+    assert set(res) == {"meta", "step"}
     assert [r["estimator"] for r in res["step"]] == ["ep", "id", "bptt"]
-    assert all(r["min_s"] > 0 and r["batch"] == 2 for r in res["step"])
+    ep, ident, bptt = res["step"]
+    # no tolerance: every block runs T1 = 15 free steps, EP T2 = 5 steps per nudged phase
+    assert ep["iters"] == [{"free": 15, "nudged+": 5, "nudged-": 5}] * 6
+    assert bptt["iters"] == [{"free": 15}] * 6
+    assert all(set(b) == {"free", "adjoint"} and b["free"] == 15 for b in ident["iters"])
+    assert all(r["batch"] == 2 and r["min_s"] <= r["median_s"] and len(r["times_s"]) == 1 for r in res["step"])
     md = (tmp_path / "t.md").read_text()
     assert "| L12 | 2 | ep | 15 | 5 |" in md and "vs bptt" in md
 
 
 def test_unknown_part_is_refused(bench, tmp_path):
+    main = bench["run"].main
     with pytest.raises(SystemExit, match="unknown part"):
-        bench.main(["--parts", "nope", "--out", str(tmp_path)])
+        main(["--parts", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown part"):
+        main(["--parts", "proposals", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown model"):
-        bench.main(["--models", "L7", "--out", str(tmp_path)])
+        main(["--models", "L7", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
 def test_quick_suite_runs(bench, tmp_path):
-    assert bench.main(["--quick", "--memory-T2", "2,4", "--memory-models", "L12", "--out", str(tmp_path)]) == 0
+    assert bench["run"].main(["--quick", "--parts", "step,memory,relax,data", "--memory-T2", "2,4",
+                              "--memory-models", "L12", "--relax-sweeps", "2", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "cpu.json").read_text())
-    assert {"peak", "step", "memory", "relax"} <= set(res)
+    assert {"step", "memory", "relax", "data"} <= set(res)
     assert [(r["estimator"], r["T2"]) for r in res["memory"]] == [("ep", 2), ("ep", 4), ("bptt", 2), ("bptt", 4),
                                                                    ("id", None)]
+    ep2, ep4, bptt2, bptt4, _ = (r["peak_mib"] for r in res["memory"])
+    assert bptt4 > bptt2 and abs(ep4 - ep2) < 0.5 * (bptt4 - bptt2)
+    assert 0 < res["data"][0]["share"] < 1
     assert (tmp_path / "cpu.md").read_text().count("| L12 |") >= 3
+
+
+@pytest.mark.slow
+def test_peak_part_runs(bench, tmp_path):
+    assert bench["run"].main(["--quick", "--parts", "peak", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cpu.json").read_text())
+    dtypes = ("float32", "bfloat16")
+    assert set(res["peak"]) == ({f"matmul_{d}" for d in dtypes}
+                                | {f"conv_{d}_{layout}" for d in dtypes for layout in ("nchw", "channels_last")})
+    assert res["peak"]["matmul_float32"]["size"] == 256 and res["peak"]["conv_float32_nchw"]["batch"] == 4
+    assert res["peak_ref_gflops"]["float32"] == max(v["gflops"] for k, v in res["peak"].items() if "float32" in k)

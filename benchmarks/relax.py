@@ -1,0 +1,107 @@
+"""Part `relax`: relaxation throughput, sweeps/s and achieved FLOP/s of the free phase of every
+block, sync vs async, float32 vs bfloat16, NCHW vs channels_last (eager `block.relax`), plus
+torch.compile'd sweeps with --compile and CUDA graphs on a GPU. FLOPs per sweep come from
+the couplings (`eqprop.analysis.splitting.sweep_flops`)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from eqprop.analysis.splitting import sweep_flops
+from eqprop.blocks import EnergyBlock, State
+from eqprop.chain import FFEBM
+
+from .common import MODELS, batch, block_inputs, build, timed, wall
+
+
+def relax_variants(device, compile_: bool) -> list[dict]:
+    """The variants timed: every update x dtype x layout eagerly, then compiled and CUDA-graph ones."""
+    out = [{"update": u, "dtype": d, "layout": layout, "mode": "eager"}
+           for u in ("sync", "async") for d in ("float32", "bfloat16") for layout in ("nchw", "channels_last")]
+    if compile_:
+        out += [{"update": u, "dtype": d, "layout": "nchw", "mode": "compile"}
+                for u in ("sync", "async") for d in ("float32", "bfloat16")]
+    if torch.device(device).type == "cuda":
+        out += [{"update": u, "dtype": d, "layout": "nchw", "mode": "cuda_graph"}
+                for u in ("sync", "async") for d in ("float32", "bfloat16")]
+    return out
+
+
+def sweeps(block: EnergyBlock, u: torch.Tensor, T: int, step: Callable) -> State:
+    """T sweeps of `block` from zeros by `step` (the block's `step` or a compiled copy), in the
+    block's relaxation dtype and without tolerance checks: the loop of `block.relax` as the
+    compiled and CUDA-graph variants run it."""
+    low = block.relax_dtype
+    with torch.no_grad(), torch.autocast(u.device.type, dtype=low, enabled=low is not None):
+        uu = u if low is None else u.to(low)
+        s, cache = block.init_state(uu), {}
+        for _ in range(T):
+            s = step(s, uu, None, cache)
+    return s
+
+
+def graph_relax(block: EnergyBlock, u: torch.Tensor, T: int) -> Callable[[], None]:
+    """Capture `sweeps(block, u, T)` in a CUDA graph; returns its replay (u must stay alive)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sweeps(block, u, 3, block.step)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sweeps(block, u, T, block.step)
+    return graph.replay
+
+
+def configure(model: FFEBM, us: list[torch.Tensor], v: dict) -> list[torch.Tensor]:
+    """Put the model in variant v (layout, update, relaxation dtype); returns the inputs."""
+    fmt = torch.channels_last if v["layout"] == "channels_last" else torch.contiguous_format
+    model.to(memory_format=fmt)
+    model.configure_blocks(update=v["update"], relax_dtype=torch.bfloat16 if v["dtype"] == "bfloat16" else None)
+    return [u.contiguous(memory_format=fmt) for u in us]
+
+
+def relax_fn(model: FFEBM, us: list[torch.Tensor], mode: str, T: int) -> Callable[[], object]:
+    """One free phase of every block (T sweeps) in the given mode (eager, compile, cuda_graph)."""
+    blocks = model.blocks
+    if mode == "compile":
+        steps = [torch.compile(b.step, dynamic=False) for b in blocks]
+        return lambda: [sweeps(b, u, T, st) for b, u, st in zip(blocks, us, steps)]
+    if mode == "cuda_graph":
+        replays = [graph_relax(b, u, T) for b, u in zip(blocks, us)]
+        return lambda inputs=us: [r() for r in replays]  # the default argument keeps the inputs alive
+    return lambda: [b.relax(u, T=T, tol=None) for b, u in zip(blocks, us)]
+
+
+def part_relax(models, batches, div, device, repeats: int, compile_: bool, sweeps_: int | None) -> list[dict]:
+    """Free-phase throughput per variant; the variants are timed in turn within each repeat.
+    `sweeps_`: sweeps per timed relaxation (None or 0: the model's T1)."""
+    rows = []
+    for name in models:
+        T = sweeps_ or MODELS[name]["T1"]
+        for n in batches:
+            x, _ = batch(n, device)
+            model = build(name, div, device)
+            us = block_inputs(model, x)
+            flops = sum(sweep_flops(b, tuple(u.shape[1:]), u.shape[0]) for b, u in zip(model.blocks, us)) * T
+            variants = relax_variants(device, compile_)
+            fns, firsts = [], []
+            for v in variants:  # prepare (compile, capture) and warm up every variant once
+                fn = relax_fn(model, configure(model, us, v), v["mode"], T)
+                fns.append((v, fn))
+                firsts.append(wall(fn, device=device))
+            times = [[] for _ in variants]
+            for _ in range(repeats):
+                for i, (v, fn) in enumerate(fns):
+                    configure(model, us, v)
+                    times[i].append(timed(fn, device=device))
+            configure(model, us, {"layout": "nchw", "update": "async", "dtype": "float32"})
+            for (v, _), ts, t_first in zip(fns, times, firsts):
+                t, c = min(w for w, _ in ts), min(c for _, c in ts)
+                rows.append({"model": name, "batch": n, **v, "sweeps": T, "seconds": t, "cpu_s": c,
+                             "first_call_s": t_first, "sweeps_per_s": T / t, "gflops": flops / t / 1e9,
+                             "gflop_per_cpu_s": flops / c / 1e9, "flop_per_relax": flops})
+                print(f"relax {name} b={n} {v}: {T / t:.1f} sweeps/s, {flops / t / 1e9:.1f} GFLOP/s wall, "
+                      f"{flops / c / 1e9:.1f} GFLOP per CPU-s", flush=True)
+    return rows
