@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from eqprop import ConvCoupling, DenseCoupling
 
@@ -143,6 +144,14 @@ def test_macs_is_the_hand_count(case):
         c_out, c_in, kh, kw = c.conv.weight.shape
         expected = c_out * shape[1] * shape[2] * c_in * kh * kw
     assert c.macs(shape) == expected
+    # and as PyTorch's operation counter sees it (2 flops per multiply-add), both directions
+    one = x[:1].detach()
+    with FlopCounterMode(display=False) as counter:
+        z = c.linear_map(one)
+    assert counter.get_total_flops() == 2 * expected
+    with FlopCounterMode(display=False) as counter:
+        c.linear_adjoint(z.detach(), one.shape)
+    assert counter.get_total_flops() == 2 * expected
 
 
 def test_macs_and_out_shape_reject_a_lower_layer_that_does_not_fit():

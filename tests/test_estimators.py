@@ -147,7 +147,10 @@ def run_case(name: str, kind: str, module, u, y, cache) -> list:
     reports = []
 
     def check(estimator, expected=fd, target=block_target, rel=REL, cos=1 - 1e-10):
+        before = module.estimator
         report = check_estimator(module, estimator, u, loss=loss, target=target, expected=lambda m, x: expected)
+        assert module.estimator is before  # check_estimator puts the module's own estimator back
+        assert report.estimator == estimator
         assert report.rel_error < rel, (estimator, report.per_tensor)
         assert report.cosine > cos, (estimator, report.per_tensor)
         assert report.worst_cosine() > 1 - 1e3 * (1 - cos), (estimator, report.per_tensor)

@@ -145,7 +145,6 @@ def tracked_files() -> list[Path]:
     return [REPO / p for p in out.decode().split("\0") if p]
 
 
-@pytest.mark.xfail(strict=True, reason="src/eqprop/data/loader.py lines 25 and 30 still cite the marker")
 def test_no_tracked_file_contains_the_marker():
     marker = "SP" + "EC"  # spelled in two parts so that this file does not contain it
     files = tracked_files()

@@ -83,8 +83,7 @@ def model_grads(model, x, y1, dtype, rule, **settings):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("dtype,rule", [(torch.bfloat16, r) for r in ("ep", "cep", "cl")]
-                         + [pytest.param(torch.bfloat16, r, marks=pytest.mark.slow) for r in ("pep", "nep", "ccpl")]
+@pytest.mark.parametrize("dtype,rule", [(torch.bfloat16, r) for r in ("ep", "cep", "pep", "nep", "ccpl", "cl")]
                          + [(torch.float16, "cep")])  # float16 convolutions are slow on CPU
 def test_16bit_relaxation_keeps_the_float32_gradient(batch, dtype, rule):
     """On the CPU-sized model of the study, 16-bit relaxation with the default precision

@@ -69,6 +69,34 @@ def test_ep_and_backprop_rules_follow_the_loss_gradient(tiny, true_grads, rule, 
     assert torch.allclose(g.norm(), g_true.norm(), rtol=1e-3)
 
 
+@pytest.mark.parametrize("normalize", ["sample", "batch", "none"])
+def test_ep_normalisation_of_the_error_current_does_not_change_the_estimate(tiny, true_grads, normalize):
+    """Without a target EP nudges with the error current normalised per sample, by the batch
+    mean norm, or not at all: the same gradient for a small beta."""
+    block, u, y = tiny
+    block.estimator = EP(beta=1e-4, normalize=normalize, **TIGHT)
+    block.zero_grad()
+    uu = u.clone().requires_grad_(True)
+    sq_mean(block(uu), y).backward()
+    g_true, gu_true = true_grads
+    assert cosine(flat_grads(block), g_true) > 0.9999 and cosine(uu.grad, gu_true) > 0.9999
+    assert torch.allclose(flat_grads(block).norm(), g_true.norm(), rtol=1e-3)
+
+
+def test_id_checks_its_tolerance_every_check_every_steps(tiny):
+    block, u, y = tiny
+    grads, iters = [], []
+    for every in (1, 7):
+        g, _ = rule_grads(block, u, y, "id", max_iter=3000, tol=1e-13, check_every=every)
+        grads.append(g)
+        iters.append(block.last_relax["adjoint"].iters)
+        assert block.last_relax["adjoint"].converged
+    assert iters[1] % 7 == 0 and iters[0] <= iters[1] < iters[0] + 7
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+    rule_grads(block, u, y, "id", max_iter=5, tol=1e-13, check_every=3)
+    assert block.last_relax["adjoint"].iters == 5 and block.last_relax["adjoint"].converged is False
+
+
 def schur_current(block, u, s, delta):
     """S delta per sample, S = H_LL - H_Lh H_hh^-1 H_hL from the energy's Hessian at s."""
     sizes = [x.shape[1] for x in s]
