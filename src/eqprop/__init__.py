@@ -20,7 +20,7 @@ from .chain import FFEBM, configure_blocks, conv_ffebm, dense_ffebm, relax_stats
 from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
 from .estimators import BPTT, EP, ID, RHEL, Contrast, ContrastEstimator, Estimator
 from .optional import package_version
-from .registry import estimator_names, make_estimator, register_estimator, set_estimator
+from .registry import estimator_names, make_estimator, register_estimator, set_estimator, unregister_estimator
 from .rules import CL, TBP, CpL
 
 __version__: str = package_version("eqprop")
@@ -32,6 +32,6 @@ __all__ = [
     "FFEBM", "configure_blocks", "conv_ffebm", "dense_ffebm", "relax_stats",
     "ConvCoupling", "Coupling", "DenseCoupling", "goe_", "weighted_kaiming_",
     "BPTT", "EP", "ID", "RHEL", "Contrast", "ContrastEstimator", "Estimator",
-    "estimator_names", "make_estimator", "register_estimator", "set_estimator",
+    "estimator_names", "make_estimator", "register_estimator", "set_estimator", "unregister_estimator",
     "CL", "CpL", "TBP", "__version__",
 ]

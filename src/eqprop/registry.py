@@ -11,6 +11,7 @@ and rbp (recurrent backprop, i.e. ID).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -21,7 +22,8 @@ from .blocks import EnergyBlock
 from .estimators import BPTT, EP, ID, RHEL, Estimator
 from .rules import CL, TBP, CpL
 
-__all__ = ["register_estimator", "make_estimator", "estimator_names", "set_estimator", "estimator_modules"]
+__all__ = ["register_estimator", "unregister_estimator", "make_estimator", "estimator_names", "set_estimator",
+           "estimator_modules"]
 
 Factory = Callable[..., Estimator]
 
@@ -51,6 +53,13 @@ def register_estimator(name: str, factory: Factory, *, replace: bool = False) ->
     _REGISTRY[name] = factory
 
 
+def unregister_estimator(name: str) -> None:
+    """Forget a name given to `register_estimator` (built-in names may be removed too)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unregister_estimator: {name!r} is not registered; registered: {estimator_names()}")
+    del _REGISTRY[name]
+
+
 def estimator_names() -> list[str]:
     """Every registered name, sorted."""
     return sorted(_REGISTRY)
@@ -62,13 +71,12 @@ def _settings_of(factory: Factory) -> tuple[set[str] | None, dict[str, Any]]:
     if isinstance(factory, partial):
         fixed = dict(factory.keywords)
         factory = factory.func
-    fields = getattr(factory, "__dataclass_fields__", None)
-    if fields is None:
+    if not dataclasses.is_dataclass(factory):
         return None, fixed
-    return {k for k, f in fields.items() if f.init} - set(fixed), fixed
+    return {f.name for f in dataclasses.fields(factory) if f.init} - set(fixed), fixed
 
 
-def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
+def make_estimator(name: str | Estimator, /, **settings: Any) -> Estimator:
     """Build a registered estimator from its name and settings (or pass an instance
     through, without settings)."""
     if isinstance(name, Estimator):
@@ -99,7 +107,7 @@ def estimator_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, EnergyBlock) or hasattr(m, "estimator_kind")]
 
 
-def set_estimator(model: nn.Module, estimator: str | Estimator, blocks: Iterable[int] | None = None,
+def set_estimator(model: nn.Module, estimator: str | Estimator, /, blocks: Iterable[int] | None = None,
                   **settings: Any) -> nn.Module:
     """Use `estimator` (a name with settings, or an instance) for every estimator-carrying
     module of `model` (energy-based blocks, Hamiltonian units), or for those of the given

@@ -83,7 +83,6 @@ class HRU(nn.Module):
             raise ValueError(f"{type(self).__name__}: need 0 < dt_min <= dt_max < 1, got {dt_min!r}, {dt_max!r}")
         log_dt = math.log(dt_min) + (math.log(dt_max) - math.log(dt_min)) * torch.rand(P)
         self.dt_raw = nn.Parameter(torch.logit(log_dt.exp()))
-        self.estimator: Estimator = RHEL()
         self.set_estimator(estimator, **(estimator_settings or {}))
         self.set_scan(scan)
 
@@ -105,6 +104,18 @@ class HRU(nn.Module):
         raise NotImplementedError
 
     # --- switches -------------------------------------------------------------------
+    @property
+    def estimator(self) -> Estimator:
+        return self._estimator
+
+    @estimator.setter
+    def estimator(self, est: Estimator) -> None:
+        if not isinstance(est, Estimator):
+            raise TypeError(f"{type(self).__name__}: an estimator must be an eqprop estimator object (e.g. "
+                            f"eqprop.RHEL()), got {type(est).__name__}")
+        est.check_applicable(self.estimator_kind, type(self).__name__)
+        self._estimator = est
+
     def set_estimator(self, estimator: str | Estimator, blocks=None, **settings) -> HRU:
         """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt' (with T2=None)."""
         set_estimator(self, estimator, blocks, **settings)
