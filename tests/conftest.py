@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from eqprop import FFEBM, ConvHopfield, DenseHopfield, EnergyBlock
+from eqprop import FFEBM, EnergyBlock
 from eqprop.activations import Logistic
+from eqprop.gradcheck import build_check_model
 from eqprop.testing import finite_differences, flatten, gradients
 
 torch.set_num_threads(1)
@@ -29,56 +30,11 @@ def _seed():
 # a small ff-EBM with conv + max-pool + batch-norm between its blocks
 # ---------------------------------------------------------------------------------------
 
-def _check_model(kind: str = "conv", n_blocks: int = 3, activation: str = "sigmoid", pool_in_blocks: bool = False,
-                 seed: int = 0, dtype: torch.dtype = torch.float64, T1: int = 1000, tol: float | None = 1e-13,
-                 update: str = "sync") -> tuple[FFEBM, Tensor, Tensor]:
-    """(model, x, y): an ff-EBM with `n_blocks` energy-based blocks and non-trivial feedforward
-    parts between them (conv + 2x2 max-pool + batch-norm in train mode, or linear +
-    batch-norm), and one batch with integer labels for a cross-entropy loss."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    relax = dict(T1=T1, tol=tol, update=update)
-    modules: list[nn.Module] = []
-    # maps that feed a batch-norm carry no bias (it would have no gradient)
-    if kind == "conv":
-        size = 16 if pool_in_blocks else 8
-        x = torch.randn(4 if pool_in_blocks else 3, 1, size, size, generator=g)
-        c = 1
-        for k in range(n_blocks):
-            last = k == n_blocks - 1
-            pool_ff = size >= 4 and not (pool_in_blocks and k > 0)
-            modules += [nn.Conv2d(c, 2, 3, padding=1, bias=False)] + ([nn.MaxPool2d(2)] if pool_ff else [])
-            modules.append(nn.BatchNorm2d(2))
-            size = size // 2 if pool_ff else size
-            pools = "m" if pool_in_blocks and size >= 2 else "-"
-            modules.append(ConvHopfield([2, 3], pools, fc=[4] if last else [], in_size=size, activation=activation,
-                                        init="kaiming", alpha=0.6, name=f"block{k + 1}", **relax))
-            size = size // 2 if pools == "m" else size
-            c = 3
-        modules += [nn.Flatten(), nn.Linear(4, 3)]
-    elif kind == "dense":
-        x = torch.randn(4, 6, generator=g)
-        n = 6
-        for k in range(n_blocks):
-            modules += [nn.Linear(n, 5, bias=False), nn.BatchNorm1d(5)]
-            modules.append(DenseHopfield([5, 4, 3], activation=activation, alpha=0.8, name=f"block{k + 1}", **relax))
-            n = 3
-        modules.append(nn.Linear(3, 3))
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-    if activation == "hardsigmoid":  # centre the input currents inside the clamp's linear range
-        for m in modules:
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                nn.init.constant_(m.bias, 0.5)
-    model = FFEBM(*modules).to(dtype)
-    y = torch.randint(0, 3, (x.shape[0],), generator=g)
-    return model, x.to(dtype), y
-
-
 @pytest.fixture
 def check_model() -> Callable[..., tuple[FFEBM, Tensor, Tensor]]:
-    """Factory of small ff-EBMs for gradient checks: check_model(kind, n_blocks, **settings)."""
-    return _check_model
+    """Factory of small ff-EBMs for gradient checks: check_model(kind, n_blocks, **settings)
+    (eqprop.gradcheck's model: conv + max-pool + batch-norm between blocks)."""
+    return build_check_model
 
 
 @pytest.fixture

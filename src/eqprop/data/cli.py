@@ -26,20 +26,23 @@ _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _CIFAR = "https://www.cs.toronto.edu/~kriz/"
 _SVHN = "http://ufldl.stanford.edu/housenumbers/"
 
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
+
+
+def _idx_sources(base: str, md5s: list[str]) -> list[tuple[str, str, str]]:
+    """(url, file name, md5) of the four idx files of an MNIST-like set."""
+    return [(base + f, f, md5) for f, md5 in zip(IDX_FILES, md5s)]
+
+
 # name -> (subdirectory of the data dir, [(url, file name, md5)], archive to unpack into the data dir)
 SOURCES: dict[str, tuple[str, list[tuple[str, str, str]], bool]] = {
-    "mnist": ("mnist", [
-        (_MNIST + f, f, md5) for f, md5 in [
-            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")]], False),
-    "fashion_mnist": ("fashion_mnist", [
-        (_FASHION + f, f, md5) for f, md5 in [
-            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")]], False),
+    "mnist": ("mnist", _idx_sources(_MNIST, ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                             "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"]),
+              False),
+    "fashion_mnist": ("fashion_mnist", _idx_sources(_FASHION, [
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+        "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]), False),
     "cifar10": (".", [(_CIFAR + "cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
                        "c58f30108f718f92721af3b95e74349a")], True),
     "cifar100": (".", [(_CIFAR + "cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
