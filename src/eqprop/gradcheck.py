@@ -17,6 +17,8 @@ from .blocks import ConvHopfield, DenseHopfield
 from .chain import FFEBM
 from .testing import cosine, finite_differences, flatten, gradients, rel_error
 
+__all__ = ["DTYPES", "build_check_model", "run_gradcheck", "format_report", "add_arguments", "run"]
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 

@@ -2,3 +2,5 @@
 
 Run them from the command line: `eqprop analyze gdd|splitting|rhel --help`.
 """
+
+__all__: list[str] = []  # the analyses are modules: eqprop.analysis.gdd, .splitting, .rhel

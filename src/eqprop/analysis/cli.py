@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+__all__ = ["ANALYSES", "add_arguments", "build_parser", "run"]
+
 ANALYSES = {
     "gdd": ("eqprop.analysis.gdd", "static gradient analysis: EP's nudged transient vs truncated BPTT"),
     "splitting": ("eqprop.analysis.splitting",

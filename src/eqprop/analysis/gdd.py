@@ -51,6 +51,11 @@ from ..testing import cosine, rel_error
 from .common import pyplot, synthetic_images
 from .splitting import DHN_L6, GOE_V, dhn_model
 
+__all__ = [
+    "MODELS", "gdd_model", "split_chain", "synchronous", "fixed_point_residual", "Curves", "BlockGDD", "switches",
+    "block_gdd", "analyze", "summarize", "plot", "add_arguments", "run", "format_table"
+]
+
 # Named models: a DHN cut into blocks (splitting.dhn_model), data size and analysis defaults.
 MODELS: dict[str, dict] = {
     # CPU-sized 3-block split of the L = 6 conv DHN, widths / 8.

@@ -38,6 +38,12 @@ from ..registry import set_estimator
 from ..testing import cosine, gradients, rel_error
 from .common import pyplot, timed
 
+__all__ = [
+    "KINDS", "SingleHRU", "add_arguments", "sequence_model", "synthetic_sequences", "data_batch", "BPTT_REF",
+    "estimator_gradients", "compare", "summary", "peak_bytes", "io_bytes", "backward_step", "memory_run",
+    "run_analysis", "markdown", "plot", "run"
+]
+
 KINDS = ("linear", "nonlinear")
 
 

@@ -24,6 +24,11 @@ from ..chain import FFEBM, conv_ffebm
 from ..testing import cosine, gradients
 from .common import block_inputs, pyplot, synthetic_images, timed, train_step
 
+__all__ = [
+    "DHN_L6", "DHN_L12", "GOE_V", "num_layers", "split_dhn", "scale_width", "default_splits", "dhn_model",
+    "sweep_flops", "time_models", "measure_split", "aggregate", "markdown", "plot", "add_arguments", "run"
+]
+
 # The published DHNs as 1-block specs: conv layers after the input map, then fc.
 DHN_L6 = {"channels": [3, 128, 256, 256, 512, 512], "pools": "mmmm-", "fc": [256]}
 # The L = 12 network of the scaling chains (6 blocks of 2 layers in the published runs).
