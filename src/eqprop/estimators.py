@@ -7,12 +7,14 @@ computes the free equilibrium s*, then calls
     estimator.attach(block, u, s*, target=..., record=...) -> output (the last layer)
 
 which returns the output wired into autograd, so that an ordinary `loss.backward()` runs the
-estimator. `record` is the forward's `RelaxRecord` (phase name -> RelaxStats): the backward
-adds the statistics of the phases it runs to it, and `model.relax_stats()` reads it.
+estimator: for EP, ID and the contrastive rules, one autograd.Function whose backward calls
+`estimator.gradients(...)` (nothing of any trajectory is stored); BPTT and TBP run steps
+with autograd instead. `record` is the forward's `RelaxRecord` (phase name -> RelaxStats):
+the backward adds the statistics of the phases it runs to it, and `model.relax_stats()`
+reads it.
 
   EP    Equilibrium Propagation in its three variants (centered, positive, negative): the
-        nudged relaxations and the EP estimates for input and parameters, in one custom
-        autograd.Function (nothing of any trajectory is stored);
+        nudged relaxations and the EP estimates for input and parameters;
   ID    implicit differentiation: the adjoint fixed point lambda = J^T lambda + delta;
   BPTT  T2 more steps from the free equilibrium with autograd on (for a Hamiltonian unit:
         autograd through every time step);
