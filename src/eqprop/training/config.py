@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "limit_train": None,         # use only the first N training / test examples (null: all)
     "limit_test": None,
     "model": {"kind": "conv"},   # kind conv | dense | hssm; other keys go to the builder
-    "algorithm": "ep",           # any name eqprop.estimators.make_estimator knows (ep, id, bptt, ...)
+    "algorithm": "ep",           # any name eqprop.make_estimator knows (ep, id, bptt, ...)
     "estimator": {               # settings per algorithm; the one named by `algorithm` is used
         "ep": {"beta": 0.2, "variant": "centered", "T2": 20},
         "id": {"max_iter": 200, "tol": 1.0e-6},

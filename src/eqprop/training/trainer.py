@@ -61,8 +61,8 @@ class Objective:
       target_in_forward   call `model(x, target=y)`, for a model whose last block holds the
                           output layer and rules that need the target (cl, cpl, EP with a
                           cost on the output layer). The output (the free equilibrium) does
-                          not depend on the target; rules such as cl refuse a forward
-                          without one even under no_grad, so evaluation passes it too
+                          not depend on the target; evaluation passes it too, which the
+                          rules ignore under no_grad
     """
 
     target_in_forward: bool = False
