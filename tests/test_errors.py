@@ -212,3 +212,27 @@ def test_last_layer_linear_option():
     block = DenseHopfield([4, 3], last_linear=True)
     assert isinstance(block.activations[-1], Identity)
     assert not isinstance(block.activations[0], Identity)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: eqprop.conv_ffebm([{"pools": "m-"}]), r"block 0 needs 'channels'"),
+    (lambda: eqprop.conv_ffebm([{"channels": [1, 4, 4], "pools": "mm"}], in_size=2),
+     r"block 0 pools 'mm' halve its 2x2 input 2 times.*in_size=2 allows 1"),
+    (lambda: eqprop.conv_ffebm([{"channels": [1, 4, 4], "pools": "mm"}, {"channels": [4, 4], "pools": "m", "fc": [3]}],
+                               in_size=4), r"block 1 pools 'm' halve its 1x1 input"),
+    (lambda: eqprop.conv_ffebm([{"channels": [1, 0], "pools": "m"}]), r"block 0 channels must be positive"),
+    (lambda: eqprop.conv_ffebm(["not a dict"]), r"block 0 must be a dict"),
+    (lambda: ConvHopfield([2, 3, 3], "mm", fc=[4], in_size=3), r"halve an input of size 3 below one pixel"),
+    (lambda: eqprop.dense_ffebm(4, [3]), r"block 0 must be a non-empty list of layer widths"),
+    (lambda: eqprop.dense_ffebm(0, [[3]]), r"in_features must be a positive integer"),
+])
+def test_model_building_errors_name_the_block_and_setting(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_a_built_model_names_a_wrong_input_size():
+    model = eqprop.conv_ffebm([{"channels": [1, 4, 4], "pools": "m-"}], in_size=8, T1=2)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"built for inputs of shape \(1, 8, 8\).*got \(1, 6, 6\)"):
+        model(torch.randn(2, 1, 6, 6))

@@ -496,8 +496,13 @@ class ConvHopfield(HopfieldBlock):
             if in_size is None:
                 raise ValueError("ConvHopfield: dense layers (fc) need in_size, the input's spatial size")
             h, w = (in_size, in_size) if isinstance(in_size, int) else in_size
+            if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+                raise ValueError(f"ConvHopfield: in_size must be a positive int or (H, W), got {in_size!r}")
             for p in pools:
                 h, w = (h // 2, w // 2) if p == "m" else (h, w)
+            if h < 1 or w < 1:
+                raise ValueError(f"ConvHopfield: pools {pools!r} halve an input of size {in_size} below one pixel; "
+                                 f"in_size must allow {pools.count('m')} 2x2 poolings")
             widths = [channels[-1] * h * w, *fc]
             couplings += [DenseCoupling(a, b) for a, b in zip(widths[:-1], widths[1:])]
         n_layers = len(channels) + len(fc)

@@ -20,8 +20,9 @@ from .blocks import RELAX_SETTINGS, ConvHopfield, DenseHopfield, EnergyBlock
 from .couplings import init_module_
 from .estimators import EP, Estimator
 from .registry import make_estimator, set_estimator
+from .validate import check_positive_int
 
-__all__ = ["FFEBM", "conv_ffebm", "dense_ffebm", "configure_blocks", "relax_stats"]
+__all__ = ["FFEBM", "conv_ffebm", "dense_ffebm", "configure_blocks", "relax_stats", "total_halvings"]
 
 
 def configure_blocks(model: nn.Module, **settings: Any) -> nn.Module:
@@ -53,10 +54,12 @@ def relax_stats(model: nn.Module) -> list[dict]:
 
 class FFEBM(nn.Sequential):
     """An ordered chain of modules, some of which are `EnergyBlock`s. Blocks built without
-    an estimator get EP with its default settings."""
+    an estimator get EP with its default settings. `input_shape` (without batch), when
+    given, is checked at every forward so that a wrong input size is named as such."""
 
-    def __init__(self, *modules: nn.Module):
+    def __init__(self, *modules: nn.Module, input_shape: Sequence[int] | None = None):
         super().__init__(*modules)
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         for b in self.blocks:
             if b.estimator is None:
                 b.estimator = EP()
@@ -68,6 +71,9 @@ class FFEBM(nn.Sequential):
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         """Run the chain; `target` goes to the last module, which must then be an energy-based
         block holding the output layer (rules such as cl, cpl and EP with a cost need it)."""
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"FFEBM: the model was built for inputs of shape {self.input_shape} (without batch), "
+                             f"got {tuple(x.shape[1:])}")
         if target is not None and not isinstance(self[-1], EnergyBlock):
             raise ValueError(f"FFEBM: a target was given but the last module is {type(self[-1]).__name__}, not an "
                              f"energy-based block holding the output layer")
@@ -89,6 +95,11 @@ class FFEBM(nn.Sequential):
     def relax_stats(self) -> list[dict]:
         """Same as `eqprop.relax_stats(self)`."""
         return relax_stats(self)
+
+
+def total_halvings(size: int) -> int:
+    """How many 2x2 poolings a size x size input allows before it drops below one pixel."""
+    return max(size.bit_length() - 1, 0)
 
 
 def _feedforward(c_in: int, c_out: int, pool: bool, batchnorm: bool) -> nn.Sequential:
@@ -116,10 +127,16 @@ def conv_ffebm(blocks: Sequence[dict], num_classes: int = 10, in_size: int = 32,
     modules: list[nn.Module] = []
     size = in_size
     prev = None
+    check_positive_int("conv_ffebm", "in_size", in_size)
     for k, spec in enumerate(blocks):
+        if not isinstance(spec, dict):
+            raise ValueError(f"conv_ffebm: block {k} must be a dict with 'channels', 'pools' and optionally 'fc', "
+                             f"got {spec!r}")
         unknown = set(spec) - {"channels", "pools", "fc"}
         if unknown:
             raise ValueError(f"conv_ffebm: block {k} has unknown keys {sorted(unknown)}")
+        if "channels" not in spec:
+            raise ValueError(f"conv_ffebm: block {k} needs 'channels' ([c_in, c_1, ...]); it has {sorted(spec)}")
         ch, pools, fc = list(spec["channels"]), spec.get("pools", ""), list(spec.get("fc", []))
         if len(ch) < 2 or len(pools) != len(ch) - 1:
             raise ValueError(f"conv_ffebm: block {k} needs channels [c_in, c_1, ...] and one pool per "
@@ -128,6 +145,13 @@ def conv_ffebm(blocks: Sequence[dict], num_classes: int = 10, in_size: int = 32,
             raise ValueError(f"conv_ffebm: block {k} takes {ch[0]} channels but block {k - 1} gives {prev}")
         if fc and k != len(blocks) - 1:
             raise ValueError(f"conv_ffebm: only the last block may hold dense layers (block {k} has fc={fc})")
+        if any(not isinstance(c, int) or isinstance(c, bool) or c <= 0 for c in ch):
+            raise ValueError(f"conv_ffebm: block {k} channels must be positive integers, got {ch}")
+        halvings = pools.count("m")
+        if size >> halvings < 1:
+            raise ValueError(f"conv_ffebm: block {k} pools {pools!r} halve its {size}x{size} input {halvings} times, "
+                             f"below one pixel; in_size={in_size} allows {total_halvings(in_size)} 2x2 poolings in "
+                             f"all")
         ff = _feedforward(ch[0], ch[1], pools[0] == "m", batchnorm)
         init_module_(ff, "kaiming", alpha)
         size = size // 2 if pools[0] == "m" else size
@@ -144,16 +168,21 @@ def conv_ffebm(blocks: Sequence[dict], num_classes: int = 10, in_size: int = 32,
     readout = nn.Linear(n_out, num_classes)
     init_module_(readout, "kaiming", alpha)
     modules += [nn.Flatten(), readout]
-    return FFEBM(*modules)
+    return FFEBM(*modules, input_shape=(blocks[0]["channels"][0], in_size, in_size))
 
 
 def dense_ffebm(in_features: int, blocks: Sequence[Sequence[int]], num_classes: int = 10,
                 activation: str = "hardsigmoid", slope: float = 1.0, alpha: float = 0.5,
                 estimator: str | Estimator = "ep", estimator_settings: dict | None = None, **relax) -> FFEBM:
     """Dense ff-EBM: Linear -> DenseHopfield(widths) per block, then a linear readout."""
+    check_positive_int("dense_ffebm", "in_features", in_features)
+    if not blocks:
+        raise ValueError("dense_ffebm: at least one block (a list of layer widths) is needed")
     modules: list[nn.Module] = [nn.Flatten()]
     prev = in_features
     for k, widths in enumerate(blocks):
+        if not isinstance(widths, (list, tuple)) or not widths:
+            raise ValueError(f"dense_ffebm: block {k} must be a non-empty list of layer widths, got {widths!r}")
         ff = nn.Linear(prev, widths[0])
         init_module_(ff, "kaiming", alpha)
         modules += [ff, DenseHopfield(widths, activation=activation, slope=slope, alpha=alpha,
