@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_sum", "any_flag", "barrier", "resolve_device", "setup", "teardown", "wrap"]
+__all__ = ["DistInfo", "all_reduce_sum", "any_flag", "barrier", "gather_errors", "rank_seed", "resolve_device", "setup",
+           "teardown", "wrap"]
 
 
 @dataclass
@@ -38,15 +39,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device of this process: 'auto' is CUDA when available, else the CPU. Under torchrun
+    (world_size > 1) each rank uses cuda:LOCAL_RANK, so a device index is refused there."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device name (cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={name!r} was asked for but CUDA is not available")
+        if world_size > 1 and device.index is not None:
+            raise ValueError(f"device={name!r} with {world_size} processes would put every rank on GPU "
+                             f"{device.index}; give device=cuda (or auto): each rank then uses cuda:LOCAL_RANK")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device cuda:{device.index} does not exist: {torch.cuda.device_count()} GPU(s) are "
+                               f"visible (LOCAL_RANK={local_rank})")
         torch.cuda.set_device(device)
     return device
 
@@ -56,11 +68,31 @@ def setup(device_name: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = resolve_device(device_name, local)
+    device = resolve_device(device_name, local, world)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", rank=rank, world_size=world, device_id=device)
+        else:
+            dist.init_process_group(backend="gloo", rank=rank, world_size=world)
     return DistInfo(rank, world, local, device)
+
+
+def rank_seed(seed: int, info: DistInfo) -> int:
+    """The seed of this rank's random draws after the model is built (dropout masks,
+    augmentation noise): distinct per rank, equal to `seed` on rank 0 and in one process."""
+    return seed + info.rank
+
+
+def gather_errors(error: BaseException | None, info: DistInfo) -> list[tuple[int, str]]:
+    """[(rank, message)] of every rank that failed, on every rank: called by all ranks at the
+    same point, so that a failure on one rank stops all of them with its message instead of
+    leaving the others waiting in a collective."""
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    if not info.enabled:
+        return [] if mine is None else [(info.rank, mine)]
+    everyone: list = [None] * info.world_size
+    dist.all_gather_object(everyone, mine)
+    return [(r, m) for r, m in enumerate(everyone) if m is not None]
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -1,0 +1,82 @@
+"""Device choice per rank and failure propagation across ranks (gloo on CPU; CUDA mocked)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eqprop.training import distributed
+from eqprop.training.distributed import DistInfo, gather_errors, rank_seed, resolve_device
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two visible GPUs, no real CUDA call."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    return chosen
+
+
+def test_each_torchrun_rank_gets_its_local_gpu(fake_cuda):
+    assert resolve_device("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    assert resolve_device("auto", local_rank=0, world_size=2) == torch.device("cuda", 0)
+    assert fake_cuda == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert resolve_device("cuda:1", local_rank=0, world_size=1) == torch.device("cuda", 1)  # one process: as asked
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused(fake_cuda):
+    with pytest.raises(ValueError, match=r"device='cuda:0' with 2 processes would put every rank on GPU 0"):
+        resolve_device("cuda:0", local_rank=1, world_size=2)
+    with pytest.raises(RuntimeError, match=r"cuda:2 does not exist: 2 GPU\(s\) are visible"):
+        resolve_device("cuda", local_rank=2, world_size=4)
+    assert fake_cuda == []
+
+
+def test_device_names_are_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'gpu0' is not a device name"):
+        resolve_device("gpu0")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_rank_seeds_differ_and_rank_zero_keeps_the_seed():
+    seeds = [rank_seed(7, DistInfo(rank=r, world_size=4)) for r in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+
+
+def test_gather_errors_in_one_process():
+    info = DistInfo()
+    assert gather_errors(None, info) == []
+    assert gather_errors(ValueError("bad"), info) == [(0, "ValueError: bad")]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    info = distributed.setup("cpu")
+    try:
+        err = RuntimeError(f"diverged at step 3 on rank {rank}") if rank == 1 else None
+        failed = gather_errors(err, info)
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(repr(failed))
+    finally:
+        distributed.teardown(info)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_failure_on_one_rank_reaches_every_rank(tmp_path, monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = repr([(1, "RuntimeError: diverged at step 3 on rank 1")])
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [expected, expected]
