@@ -7,6 +7,10 @@ from another one with `base: <name>`. Overrides use dotted keys and YAML-typed v
 (`1e-4`, `true`, `null`, `[1,2]`, `{a: 1}`); an unknown key is an error listing the valid
 ones, and `+key=value` adds a key that does not exist yet (e.g. the settings of a new
 estimator, `+estimator.cl.beta=0.1`).
+
+Resuming a run keeps its checkpoint's config; `check_resume` refuses the changes that cannot
+carry over (`FIXED_ON_RESUME`: the architecture, data, optimizer, batch size, seed, dtype)
+and `config_changes` lists the others, which take effect from the resumed step.
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "ConfigError", "apply_override", "apply_overrides",
-           "config_dir", "list_configs", "load_config", "load_config_file", "merge", "parse_value", "to_yaml",
-           "validate"]
+__all__ = ["CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "FIXED_ON_RESUME", "RELAX_KEYS", "ConfigError",
+           "apply_override", "apply_overrides", "check_resume", "config_changes", "config_dir", "list_configs",
+           "load_config", "load_config_file", "merge", "parse_value", "to_yaml", "validate"]
 
 DEFAULTS: dict[str, Any] = {
     "name": None,                # set to the config's name when loaded
@@ -65,6 +69,22 @@ DEFAULTS: dict[str, Any] = {
     "progress": True,            # tqdm progress bars
     "tensorboard": True,         # also log to <out_dir>/tb when tensorboard is installed
     "eval_every": 1,             # evaluate on the test set every N epochs (and after the last)
+}
+
+RELAX_KEYS = ("T1", "tol", "update", "first", "check_every")  # model keys that are relaxation settings
+
+# settings a resumed run cannot change, and why
+FIXED_ON_RESUME = {
+    "model": "the checkpoint holds the parameters of that architecture (only the relaxation settings "
+             + ", ".join(f"model.{k}" for k in RELAX_KEYS) + " can change)",
+    "dataset": "the model was trained on that data",
+    "dataset_options": "the model was trained on that data",
+    "std_factor": "the model was trained on inputs normalised with it",
+    "optim.name": "the optimizer's saved state (moments, momentum buffers) belongs to it",
+    "batch_size": "the position in the epoch is counted in batches of that size",
+    "limit_train": "the position in the epoch is counted in batches of that training set",
+    "seed": "the data order of the resumed epochs is drawn from it",
+    "dtype": "the parameters and the optimizer's state are stored in it",
 }
 
 EXCLUDED_PREFIXES = ("study_",)  # configs of other commands that share the directory
@@ -255,6 +275,50 @@ def validate(cfg: dict) -> None:
     for key in ("resume", "progress", "tensorboard", "channels_last", "compile"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
+
+
+def _flatten(cfg: dict, where: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs (missing: None)."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _fixed_key(dotted: str) -> str | None:
+    """The FIXED_ON_RESUME entry a changed dotted key falls under (None: it may change)."""
+    parts = dotted.split(".")
+    if parts[0] == "model":
+        return None if len(parts) == 2 and parts[1] in RELAX_KEYS else "model"
+    for n in (2, 1):
+        key = ".".join(parts[:n])
+        if key in FIXED_ON_RESUME:
+            return key
+    return None
+
+
+def check_resume(saved: dict, cfg: dict, path: str | Path = "the checkpoint") -> list[tuple[str, Any, Any]]:
+    """Refuse (ConfigError naming the setting) a resume whose config changes a setting of
+    FIXED_ON_RESUME; else the changes (see config_changes), which take effect from the
+    resumed step. `saved` is the checkpoint's config."""
+    saved = merge(DEFAULTS, saved, allow_new=True)
+    changes = [c for c in config_changes(saved, cfg) if c[0] != "resume"]
+    for key, old, new in changes:
+        fixed = _fixed_key(key)
+        if fixed is not None:
+            raise ConfigError(f"{key} cannot change on resume: the run in {path} has {old!r}, the command asks for "
+                              f"{new!r}; {FIXED_ON_RESUME[fixed]}. Start a new run to change it (another "
+                              f"out_dir, or --overwrite to replace this one)")
+    return changes
 
 
 def to_yaml(cfg: dict) -> str:

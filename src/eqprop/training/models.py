@@ -28,12 +28,11 @@ from torch import nn
 from ..blocks import EnergyBlock
 from ..chain import FFEBM, configure_blocks, relax_stats
 from ..registry import set_estimator
-from .config import ConfigError
+from .config import RELAX_KEYS, ConfigError
 
 __all__ = ["CONV_OPTIONS", "DTYPES", "RELAX_KEYS", "build_model", "configure_estimator", "configure_relax_dtype",
            "estimator_settings", "model_inputs", "relax_summary"]
 
-RELAX_KEYS = ("T1", "tol", "update", "first", "check_every")
 CONV_OPTIONS = ("readout", "output_bias", "pad_to")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -97,14 +96,33 @@ def _conv_settings(settings: dict, data_info: dict[str, Any]) -> dict:
     shape = data_info["shape"]
     if data_info["kind"] != "image" or len(shape) != 3:
         raise ConfigError(f"model.kind=conv needs images (C, H, W), the dataset gives {data_info['kind']}s {shape}")
-    blocks = settings.get("blocks") or []
-    first = blocks[0].get("channels", [None])[0] if blocks and isinstance(blocks[0], dict) else None
+    blocks = settings.get("blocks")
+    _check_conv_blocks(blocks)
+    first = blocks[0]["channels"][0]
     if first != shape[0]:
         raise ConfigError(f"model.blocks[0].channels[0] is {first} but the dataset's images have {shape[0]} "
                           f"channel(s)")
     settings.setdefault("in_size", _image_size(settings, shape))
     settings.setdefault("num_classes", data_info["num_classes"])
     return settings
+
+
+def _check_conv_blocks(blocks: Any) -> None:
+    """Each block spec of model.kind=conv is a mapping with a list of channels."""
+    if not isinstance(blocks, list) or not blocks:
+        raise ConfigError(f"model.blocks must be a non-empty list of block specs ({{channels: [c_in, c_1, ...], "
+                          f"pools: 'm-', fc: [...]}}), got {blocks!r}")
+    for k, spec in enumerate(blocks):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"model.blocks[{k}] must be a mapping with 'channels' and 'pools', got {spec!r}")
+        if "channels" not in spec:
+            raise ConfigError(f"model.blocks[{k}] has no 'channels' (the list [c_in, c_1, ...] of its channel "
+                              f"counts); it has {sorted(spec)}")
+        ch = spec["channels"]
+        if not isinstance(ch, list) or len(ch) < 2 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                                          for c in ch):
+            raise ConfigError(f"model.blocks[{k}].channels must be a list of at least two positive integers "
+                              f"[c_in, c_1, ...], got {ch!r}")
 
 
 def _inputs(kind: str, settings: dict, data_info: dict[str, Any]) -> dict:
@@ -156,15 +174,21 @@ def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
     builder = _builder(kind)
     _check_keys(kind, builder, settings)
     settings = _inputs(kind, settings, data_info)
+    relax = {k: settings.pop(k) for k in RELAX_KEYS if k in settings} if kind != "hssm" else {}
     try:
         if kind == "conv":
             model = _conv_model(builder, settings, data_info["shape"][-1])
         else:
             model = builder(**settings)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"model.kind={kind}: {e}") from None
+        raise ConfigError(f"model.kind={kind}: {e}") from e
+    for key, value in relax.items():  # one at a time, so that the error names the key
+        try:
+            configure_blocks(model, **{key: value})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.{key}={value!r}: {e}") from e
     configure_estimator(model, cfg)
     configure_relax_dtype(model, cfg)
     return model
