@@ -163,18 +163,18 @@ def test_train_and_eval_commands(tmp_path, capsys, monkeypatch):
 def test_command_errors(tmp_path, capsys):
     assert main(["train", "--list"]) == 0
     assert "cifar10_split_l6_2blocks" in capsys.readouterr().out
-    assert main(["train", "nope"]) == 1
+    assert main(["train", "nope"]) == 2
     assert "unknown config 'nope'" in capsys.readouterr().err
-    assert main(["train", "fmnist_cpu", "optim.lrr=1"]) == 1
+    assert main(["train", "fmnist_cpu", "optim.lrr=1"]) == 2
     assert "valid keys under 'optim'" in capsys.readouterr().err
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    assert main(["eval", str(empty)]) == 1
+    assert main(["eval", str(empty)]) == 2
     assert f"checkpoint {empty} is empty" in capsys.readouterr().err
-    assert main(["train", "fmnist_cpu", "dataset=mnist", "--data-dir", str(tmp_path)]) == 1
+    assert main(["train", "fmnist_cpu", "dataset=mnist", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "MNIST" in err and str(tmp_path / "mnist") in err
-    assert main(["train", "fmnist_cpu", "--resume", "--out-dir", str(tmp_path / "none")]) == 1
+    assert main(["train", "fmnist_cpu", "--resume", "--out-dir", str(tmp_path / "none")]) == 2
     assert f"{tmp_path / 'none' / 'checkpoint.pt'} does not exist" in capsys.readouterr().err
 
 

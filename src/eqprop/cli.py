@@ -1,15 +1,21 @@
 """`eqprop` command line: one subcommand per job.
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and
-`run(args) -> int`; modules are imported only when their command runs.
+`run(args) -> int`; modules are imported only when their command runs. Positional
+arguments (a config, `key=value` overrides) and flags mix in any order.
+
+A user error (a bad config key or value, a missing or damaged file, a folder holding another
+run, a failing training step) is printed as one line naming the key, file or setting, and
+the exit status is 2; `eqprop --debug COMMAND ...` also prints the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_USER_ERROR", "build_parser", "main", "user_errors"]
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -20,10 +26,12 @@ COMMANDS = {
     "analyze": ("eqprop.analysis.cli", "analyses: gdd (static gradients), splitting, rhel"),
     "study": ("eqprop.studies.cli", "studies: algorithms (every learning rule, one network), precision (16-bit)"),
 }
+EXIT_USER_ERROR = 2  # as argparse's usage errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqprop", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
@@ -32,19 +40,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that report a user's mistake (not a bug in eqprop)."""
+    from .data import DatasetError
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError
+    from .training.trainer import TrainingError
+
+    return ConfigError, CheckpointError, TrainingError, DatasetError
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Flags and positionals in any order (argparse's intermixed parsing), except for
+    commands with their own subcommands, which argparse parses the usual way."""
+    has_sub = any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+    return parser.parse_args(argv) if has_sub else parser.parse_intermixed_args(argv)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help or the "invalid choice" error
-        return 2
+        return EXIT_USER_ERROR
     name = argv[0]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"eqprop {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    args = _parse(sub, argv[1:])
+    errors = user_errors()
+    try:
+        return int(module.run(args) or 0)
+    except errors as e:
+        if debug:
+            traceback.print_exc()
+        print(f"eqprop {name}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

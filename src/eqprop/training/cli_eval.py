@@ -2,17 +2,20 @@
 
     eqprop eval runs/demo/checkpoint.pt
     eqprop eval runs/demo/checkpoint.pt model.T1=100 --data-dir ~/data   # relax longer at test time
+    eqprop eval model.T1=100 runs/demo/checkpoint.pt                     # overrides and the file in any order
+
+Errors (a damaged checkpoint, a bad override, test data that does not fit the model) are
+raised; `eqprop` prints them as one line and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULTS, ConfigError, apply_overrides, merge
+from .config import DEFAULTS, apply_overrides, merge
 
 __all__ = ["add_arguments", "evaluate_checkpoint", "run"]
 
@@ -21,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint.pt written by eqprop train")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for evaluation (e.g. model.T1=100 eval_batch_size=256 device=cpu)")
-    parser.add_argument("--data-dir", help="data directory (default: the checkpoint's, $EQPROP_DATA, ~/.cache/eqprop)")
+    parser.add_argument("--data-dir", help="data directory (default: the checkpoint's; see docs/data.md)")
 
 
 @torch.no_grad()
@@ -32,6 +35,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] = (), data_dir: str | No
     from .distributed import resolve_device
     from .metrics import EpochTotals
     from .models import DTYPES, build_model, model_inputs
+    from .trainer import STEP_ERRORS, TrainingError
 
     state = checkpoint.load(path)
     extra = list(overrides) + ([f"data_dir={data_dir}"] if data_dir else [])
@@ -51,9 +55,12 @@ def evaluate_checkpoint(path: str, overrides: list[str] = (), data_dir: str | No
                           std_factor=std, dtype=dtype, limit=cfg["limit_test"], memory_format=fmt)
     totals = EpochTotals(device)
     t0 = time.perf_counter()
-    for x, y in loader:
-        logits = model(x)
-        totals.add(F.cross_entropy(logits.float(), y), logits, y)
+    for i, (x, y) in enumerate(loader):
+        try:
+            logits = model(x)
+            totals.add(F.cross_entropy(logits.float(), y), logits, y)
+        except STEP_ERRORS as e:
+            raise TrainingError(f"evaluating {path} failed at test batch {i + 1}: {' '.join(str(e).split())}") from e
     out = totals.values()
     out.update({"time_s": time.perf_counter() - t0, "config": cfg["name"], "dataset": cfg["dataset"],
                 "epoch": int(state["position"]["epoch"])})
@@ -61,14 +68,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] = (), data_dir: str | No
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DatasetError
-    from .checkpoint import CheckpointError
-
-    try:
-        r = evaluate_checkpoint(args.checkpoint, args.overrides, args.data_dir)
-    except (ConfigError, CheckpointError, DatasetError) as e:
-        print(f"eqprop eval: error: {e}", file=sys.stderr)
-        return 1
+    r = evaluate_checkpoint(args.checkpoint, args.overrides, args.data_dir)
     print(f"{args.checkpoint}: config {r['config']} after {r['epoch']} epoch(s), {r['dataset']} test set "
           f"({r['count']} examples): loss {r['loss']:.4f}, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}% "
           f"({r['time_s']:.1f} s)")

@@ -3,8 +3,14 @@
     eqprop train fmnist_cpu epochs=1 out_dir=runs/demo
     eqprop train cifar10_split_l6_2blocks algorithm=id optim.lr=1e-4 --data-dir ~/data
     eqprop train fmnist_cpu --resume                 # continue runs/fmnist_cpu/checkpoint.pt
+    eqprop train fmnist_cpu --resume epochs=6        # extend it (key=value and flags mix in any order)
+    eqprop train fmnist_cpu --overwrite              # replace the run in runs/fmnist_cpu
     torchrun --nproc_per_node=2 -m eqprop.cli train fmnist_cpu device=cpu
     eqprop train --list
+
+User errors (a bad key or value, a folder holding another run, a damaged checkpoint, a
+failing step) are raised as ConfigError, CheckpointError, TrainingError or DatasetError;
+`eqprop` prints them as one line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -12,7 +18,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import DEFAULTS, ConfigError, apply_overrides, config_dir, list_configs, load_config, merge, to_yaml
+from .config import (
+    DEFAULTS,
+    ConfigError,
+    apply_overrides,
+    check_resume,
+    config_dir,
+    list_configs,
+    load_config,
+    merge,
+    to_yaml,
+)
 
 __all__ = ["add_arguments", "describe_configs", "resolve", "run"]
 
@@ -20,10 +36,14 @@ __all__ = ["add_arguments", "describe_configs", "resolve", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="config name (see --list) or path to a .yaml file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. algorithm=id optim.lr=1e-4 epochs=3 (+key=value adds a key)")
-    parser.add_argument("--data-dir", help="data directory (default: $EQPROP_DATA, then ~/.cache/eqprop)")
+                        help="dotted overrides, e.g. algorithm=id optim.lr=1e-4 epochs=3 (+key=value adds a key); "
+                             "they may come before or after the flags")
+    parser.add_argument("--data-dir", help="data directory (see docs/data.md)")
     parser.add_argument("--out-dir", help="where checkpoint, metrics and curves go (default: runs/<config>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in <out-dir> (overrides given now apply from the resumed step)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that <out-dir> holds (without it such a folder is refused)")
     parser.add_argument("--list", action="store_true", help="list the available configs and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -38,8 +58,14 @@ def describe_configs() -> list[str]:
     return lines
 
 
-def resolve(args: argparse.Namespace) -> dict:
-    """The config to run: file + overrides (+ the checkpoint's config when resuming)."""
+def out_dir_of(cfg: dict) -> Path:
+    return Path(cfg["out_dir"] or Path("runs") / str(cfg["name"]))
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict, dict | None, Path | None]:
+    """(config to run, checkpoint state, checkpoint file): the config file + overrides, or
+    when resuming the checkpoint's config + the overrides given now (checked by
+    check_resume); the state is None for a new run."""
     extra = list(args.overrides)
     if args.data_dir:
         extra.append(f"data_dir={args.data_dir}")
@@ -49,19 +75,25 @@ def resolve(args: argparse.Namespace) -> dict:
         extra.append("resume=true")
     cfg = load_config(args.config, extra)
     if not cfg["resume"]:
-        return cfg
+        return cfg, None, None
+    if getattr(args, "overwrite", False):
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in "
+                          f"{out_dir_of(cfg)}, --overwrite replaces it")
     from . import checkpoint
 
-    path = Path(cfg["out_dir"] or Path("runs") / cfg["name"]) / "checkpoint.pt"
-    saved = checkpoint.load(path)["config"]
+    out = out_dir_of(cfg)
+    path = out / "checkpoint.pt"
+    if not path.exists() and not checkpoint.previous_path(path).exists() and (out / "config.yaml").exists():
+        raise ConfigError(f"cannot resume: {out} holds a run that stopped before its first checkpoint was "
+                          f"written ({path} does not exist); start it again with --overwrite")
+    state, used = checkpoint.load_latest(path)
+    saved = state["config"]
     if saved.get("name") != cfg["name"]:
-        raise ConfigError(f"checkpoint {path} belongs to config {saved.get('name')!r}, not {cfg['name']!r}")
+        raise ConfigError(f"checkpoint {used} belongs to config {saved.get('name')!r}, not {cfg['name']!r}")
     # the checkpoint's config stands; overrides given now apply on top (e.g. epochs=200 to extend)
     resumed = apply_overrides(merge(DEFAULTS, saved, allow_new=True), extra)
-    changed = sorted(k for k in resumed if resumed[k] != saved.get(k))
-    if changed:
-        print(f"resuming with changed settings: {', '.join(changed)}")
-    return resumed
+    check_resume(saved, resumed, used)
+    return resumed, state, used
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,27 +101,22 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(describe_configs()))
         return 0
     if not args.config:
-        print("eqprop train: a config name is needed (eqprop train --list shows them)", file=sys.stderr)
-        return 2
-    from ..data import DatasetError
-    from .checkpoint import CheckpointError
-    from .trainer import Trainer, TrainingError
+        raise ConfigError("a config name is needed (eqprop train --list shows them)")
+    from .trainer import Trainer, check_out_dir
 
+    cfg, state, path = resolve(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    check_out_dir(out_dir_of(cfg), resume=cfg["resume"], overwrite=args.overwrite)
     try:
-        cfg = resolve(args)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
         trainer = Trainer(cfg)
         try:
-            if cfg["resume"]:
-                trainer.resume()
+            if state is not None:
+                trainer.resume(path, state=state)
             summary = trainer.fit()
         finally:
             trainer.close()
-    except (ConfigError, CheckpointError, TrainingError, DatasetError) as e:
-        print(f"eqprop train: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("eqprop train: aborted; the last checkpoint written (if any) is kept", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..optional import require
+from .checkpoint import kill_point, write_text_atomic
 
 __all__ = ["EpochTotals", "MetricsLogger", "plot_curves", "read_metrics", "topk_correct"]
 
@@ -42,13 +44,24 @@ class EpochTotals:
 
 
 class MetricsLogger:
-    """Appends one JSON object per epoch to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per epoch to `metrics.jsonl`; mirrors scalars to TensorBoard.
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True, fresh: bool = True):
+    fresh: start an empty file (replacing any earlier one in one step). Otherwise (a resumed
+    run) keep the records of the epochs up to `keep_through` and drop later ones, which the
+    resumed run will train again (after a fall-back to the previous checkpoint), and a last
+    line torn by a kill."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, fresh: bool = True, keep_through: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and self.path.exists():
-            self.path.unlink()
+        if fresh:
+            write_text_atomic(self.path, "")
+        elif self.path.exists():
+            records = read_metrics(self.path)
+            kept = [r for r in records if keep_through is None or r.get("epoch", 0) <= keep_through]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            if text != self.path.read_text():
+                write_text_atomic(self.path, text)
         self.writer = None
         if tensorboard:  # on by default, so a missing extra is a warning, not an error
             try:
@@ -61,8 +74,12 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
 
     def log(self, record: dict) -> None:
+        """Append one line in one write, flushed to disk."""
+        kill_point("log")
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None:
             step = record["epoch"]
             for key, value in record.items():
@@ -76,10 +93,23 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut off by a kill is skipped, a damaged
+    line elsewhere is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({e})") from None
+    return out
 
 
 def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | None:

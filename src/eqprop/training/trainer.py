@@ -11,10 +11,19 @@ the rules that need the target:
 
     Trainer(cfg, objective=SquaredError()).fit()
 
-Resuming (`resume=true`) restores model, optimizer, scheduler, RNG states and the position in
-training (epoch and step; the loader's order is a function of seed and epoch, so a run
-interrupted by Ctrl-C mid-epoch continues from the next batch) and, on CPU, ends bit-identical
-to an uninterrupted run.
+Each epoch is saved (the last two checkpoints are kept) before it is evaluated, so a failing
+evaluation never loses the trained epoch. Resuming (`Trainer.resume`) restores model,
+optimizer, RNG states and the position in training (epoch and step; the loader's order is a
+function of seed and epoch, so a run interrupted by Ctrl-C mid-epoch continues from the next
+batch) and, on CPU, ends bit-identical to an uninterrupted run. The optimizer's settings and
+the schedule come from the config given to the trainer: a changed `optim.lr`, `lr_min`,
+`weight_decay`, `momentum`, `schedule` or `epochs` takes effect from the resumed step, the
+schedule being rebuilt over the new length (`Schedule`); the settings that cannot change are
+refused (`eqprop.training.config.check_resume`).
+
+`check_out_dir` is the rule of `eqprop train` for output folders: a folder holding a run is
+used only to resume it, or replaced when asked. `Trainer.fit` itself starts a new run by
+replacing the run files of its folder.
 """
 from __future__ import annotations
 
@@ -36,18 +45,53 @@ from ..blocks import DivergenceError
 from ..optional import require
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import ConfigError, to_yaml
-from .metrics import EpochTotals, MetricsLogger, plot_curves
+from .config import ConfigError, check_resume, to_yaml
+from .metrics import EpochTotals, MetricsLogger, plot_curves, read_metrics
 from .models import DTYPES, build_model, model_inputs, relax_summary
 
-__all__ = ["AUTOCAST", "CrossEntropy", "Objective", "SquaredError", "Trainer", "TrainingError", "make_optimizer",
-           "make_scheduler", "progress_bar", "seed_everything"]
+__all__ = ["AUTOCAST", "RUN_FILES", "CrossEntropy", "Objective", "Schedule", "SquaredError", "Trainer",
+           "TrainingError", "check_out_dir", "make_optimizer", "make_scheduler", "progress_bar", "seed_everything"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT = "checkpoint.pt"
+# the files that make a folder hold a run, and the other files a run writes there
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name)
+OUTPUT_FILES = ("curves.png",)
+# failures of a step or an evaluation that are reported with where they happened
+STEP_ERRORS = (ValueError, RuntimeError, IndexError, TypeError, ZeroDivisionError)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, diverged relaxation); the last good checkpoint is kept."""
+    """Training or evaluation cannot go on (NaN loss, diverged relaxation, a failing step or
+    evaluation); the message says where (epoch, step) and the last good checkpoint is kept."""
+
+
+def _cause(e: BaseException) -> str:
+    """An exception as one line: its message (type name when empty), whitespace collapsed."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+    """The rule for output folders: a folder that holds a run (config.yaml, metrics.jsonl or
+    a checkpoint) is refused unless the run is resumed or `overwrite` is asked for; the folder
+    must be writable. ConfigError otherwise, naming the folder and both flags."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in "
+                          f"{out}, --overwrite replaces it")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise ConfigError(f"out_dir {out} already holds a run ({', '.join(held)}); continue it with --resume, or "
+                          f"replace it with --overwrite (or choose another out_dir)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_io.write_text_atomic(out / ".write-test", "")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out_dir {out} cannot be written: {e.strerror or _cause(e)}"
+                          f"{f' ({e.filename})' if e.filename else ''}") from None
+    return out
 
 
 class Objective:
@@ -133,12 +177,51 @@ def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
                            weight_decay=optim["weight_decay"])
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, optim: dict, epochs: int, steps_per_epoch: int):
-    """Cosine annealing from lr to lr_min over all epochs (stepped per epoch or per step)."""
-    if optim["schedule"] == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+def apply_optim_settings(optimizer: torch.optim.Optimizer, optim: dict) -> None:
+    """Put the config's lr (as the schedule's start), weight_decay and, for SGD, momentum and
+    nesterov into every parameter group (after loading a checkpoint's optimizer state)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = optim["lr"]
+        group["weight_decay"] = optim["weight_decay"]
+        if isinstance(optimizer, torch.optim.SGD):
+            group["momentum"], group["nesterov"] = optim["momentum"], optim["nesterov"]
+
+
+class Schedule(torch.optim.lr_scheduler.LRScheduler):
+    """The learning rate as a function of the position t (epochs or steps done): cosine from
+    each group's initial lr to lr_min over `total` (lr_min after it), or constant.
+
+    The value at t depends only on t and the settings, so a resumed run rebuilds the schedule
+    for new settings and jumps to its position (`at`); a run extended from E to E' epochs
+    goes on with the cosine over E' epochs from position E."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total: int, lr_min: float):
+        self.kind, self.total, self.lr_min = kind, max(int(total), 1), float(lr_min)
+        super().__init__(optimizer)
+
+    def value(self, base: float, t: int) -> float:
+        if self.kind == "constant" or t <= 0:
+            return base
+        t = min(t, self.total)
+        return self.lr_min + (base - self.lr_min) * (1 + math.cos(math.pi * t / self.total)) / 2
+
+    def get_lr(self) -> list[float]:
+        return [self.value(base, self.last_epoch) for base in self.base_lrs]
+
+    def at(self, t: int) -> None:
+        """Jump to position t: set every group's learning rate to the schedule's value there."""
+        self.last_epoch = int(t)
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: dict, epochs: int, steps_per_epoch: int) -> Schedule:
+    """Cosine annealing from lr to lr_min over all epochs (stepped per epoch or per step), or
+    a constant rate."""
     total = epochs if optim["schedule_unit"] == "epoch" else epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=optim["lr_min"])
+    return Schedule(optimizer, optim["schedule"], total, optim["lr_min"])
 
 
 class Trainer:
@@ -164,7 +247,7 @@ class Trainer:
         self.echo = echo if self.dist.is_main else (lambda _msg: None)
         self.on_step = on_step
         self.out_dir = Path(cfg["out_dir"] or Path("runs") / str(cfg["name"]))
-        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.ckpt_path = self.out_dir / CHECKPOINT
         self.dtype = DTYPES[cfg.get("dtype", "float32")]
         seed_everything(cfg["seed"])
 
@@ -201,8 +284,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg["precision"] == "fp16" else None
         self.epoch, self.step = 0, 0          # position: epochs done, steps done in the current epoch
         self.partial: torch.Tensor | None = None  # metric sums of a partly done epoch
+        self.pending: dict | None = None      # the record of a trained epoch not yet evaluated and logged
         self._stop = False
         self.resumed = False
+        self.resumed_from: Path | None = None
+        self._rotate = True  # the next save keeps the current checkpoint as the previous one
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -216,39 +302,85 @@ class Trainer:
             "rng": ckpt_io.rng_state(),
             "position": {"epoch": self.epoch, "step": self.step},
             "partial": None if self.partial is None else self.partial.cpu(),
+            "pending": self.pending,
         }
 
     def save(self) -> Path | None:
-        """Write the checkpoint (main rank), refusing if any parameter is not finite."""
+        """Write the checkpoint (main rank), keeping the previous one; refused if any
+        parameter is not finite."""
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise TrainingError(f"parameters {bad[:3]} hold NaN/inf at epoch {self.epoch + 1}; checkpoint not "
                                 f"written, the last good one ({self.ckpt_path}) is kept")
-        path = ckpt_io.save_atomic(self.state_dict(), self.ckpt_path) if self.dist.is_main else None
+        path = None
+        if self.dist.is_main:
+            path = ckpt_io.save_rotating(self.state_dict(), self.ckpt_path, rotate=self._rotate)
+            self._rotate = True
         distributed.barrier(self.dist)
         return path
 
-    def resume(self, path: str | os.PathLike | None = None) -> None:
-        """Restore everything from a checkpoint (default: <out_dir>/checkpoint.pt)."""
+    def _position(self) -> int:
+        """The schedule's position: epochs done, or steps done when it advances per step."""
+        if self.cfg["optim"]["schedule_unit"] == "epoch":
+            return self.epoch
+        return self.epoch * len(self.train_loader) + self.step
+
+    def resume(self, path: str | os.PathLike | None = None, state: dict | None = None) -> None:
+        """Restore everything from a checkpoint: `state` (already loaded from `path`), or the
+        file `path` (default: <out_dir>/checkpoint.pt, falling back to the previous checkpoint
+        when it is damaged). Loaded on the CPU, then moved to the device.
+
+        The config given to the trainer stands: check_resume refuses settings that cannot
+        change; the optimizer's lr, weight_decay, momentum and the schedule are taken from it
+        and apply from the resumed step."""
+        if state is None:
+            state, path = ckpt_io.load_latest(path or self.ckpt_path, echo=self.echo)
         path = Path(path or self.ckpt_path)
-        state = ckpt_io.load(path, map_location=self.device)
+        changes = check_resume(state["config"], self.cfg, path)
         ckpt_io.load_model_state(self.model, state["model"], path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {path}: the optimizer state does not fit the "
+                                          f"{self.cfg['optim']['name']} optimizer of the model ({_cause(e)})") from None
+        if self.scaler is not None and state.get("scaler"):
+            try:
                 self.scaler.load_state_dict(state["scaler"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit: {e}") from None
-        if hasattr(self.scheduler, "T_max"):  # epochs may have been raised on resume
-            unit = self.cfg["optim"]["schedule_unit"]
-            self.scheduler.T_max = self.cfg["epochs"] * (1 if unit == "epoch" else len(self.train_loader))
-        ckpt_io.set_rng_state(state["rng"])
+            except (ValueError, KeyError, RuntimeError, TypeError) as e:
+                raise ckpt_io.CheckpointError(f"checkpoint {path}: the gradient scaler state cannot be restored "
+                                              f"({_cause(e)})") from None
+        ckpt_io.set_rng_state(state["rng"], path)
         self.epoch, self.step = int(state["position"]["epoch"]), int(state["position"]["step"])
-        self.partial = state.get("partial")
+        if self.step > len(self.train_loader):
+            raise ckpt_io.CheckpointError(f"checkpoint {path}: position step {self.step} is beyond the "
+                                          f"{len(self.train_loader)} steps of an epoch; the file was edited")
+        partial = state.get("partial")
+        if partial is not None and tuple(partial.shape) != (4,):
+            raise ckpt_io.CheckpointError(f"checkpoint {path}: 'partial' has shape {tuple(partial.shape)}, "
+                                          f"expected (4,); the file was edited or is damaged")
+        self.partial = partial
+        pending = state.get("pending")
+        self.pending = dict(pending) if isinstance(pending, dict) and "epoch" in pending else None
+        if self.pending is not None and self._pending_logged():
+            self.pending = None  # the epoch was evaluated and logged after the checkpoint was written
+        # the optimizer's settings and the schedule of the config, at the resumed position
+        apply_optim_settings(self.optimizer, self.cfg["optim"])
+        self.scheduler = make_scheduler(self.optimizer, self.cfg["optim"], self.cfg["epochs"], len(self.train_loader))
+        self.scheduler.at(self._position())
         self.resumed = True
-        where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"epoch {self.epoch + 1}"
-        self.echo(f"resumed from {path}: continuing at {where}")
+        self.resumed_from = path
+        # resumed from the previous checkpoint because the newer one is damaged: the next save
+        # replaces the damaged one and keeps the previous one
+        self._rotate = path.resolve() != ckpt_io.previous_path(self.ckpt_path).resolve()
+        shown = [c for c in changes if c[0] not in ("out_dir", "data_dir")]
+        if shown:
+            self.echo("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in shown))
+        if self.epoch < self.cfg["epochs"] or self.pending is not None:
+            where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"epoch {self.epoch + 1}"
+            if self.pending is not None:
+                where = f"the evaluation of epoch {self.pending.get('epoch', self.epoch)}"
+            self.echo(f"resumed from {path}: continuing at {where} "
+                      f"(learning rate {self.optimizer.param_groups[0]['lr']:.3g})")
 
     # ---- one step, one epoch, evaluation -------------------------------------------------
     def _forward_loss(self, x: Tensor, y: Tensor, net: nn.Module) -> tuple[Tensor, Tensor]:
@@ -264,25 +396,37 @@ class Trainer:
             output = output.float()
         return self.objective.loss(output, y), output
 
+    def _kept(self) -> str:
+        """What a failure leaves: the last checkpoint written (by this run or the one resumed)."""
+        if self.ckpt_path.exists():
+            return f"The last good checkpoint ({self.ckpt_path}) is kept"
+        return f"No checkpoint was written yet (the first is written at the end of epoch 1, in {self.ckpt_path})"
+
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Forward, loss, backward (the estimators'), optimizer step; (loss, output) detached."""
+        """Forward, loss, backward (the estimators'), optimizer step; (loss, output) detached.
+        A failure is a TrainingError that says where (epoch and step) and what."""
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        kept = self._kept()
         try:
             loss, logits = self._forward_loss(x, y, self.net)
             if distributed.any_flag(not math.isfinite(loss.item()), self.dist):
-                raise TrainingError(f"loss is NaN/inf at {where}; stopping. The last good checkpoint "
-                                    f"({self.ckpt_path}) is kept; lower optim.lr or check the data")
+                raise TrainingError(f"loss is NaN/inf at {where}; stopping. {kept}; lower optim.lr or check the data")
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
+                ckpt_io.kill_point("step")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 loss.backward()
+                ckpt_io.kill_point("step")
                 self.optimizer.step()
         except DivergenceError as e:
-            raise TrainingError(f"relaxation diverged at {where}: {e}. The last good checkpoint "
-                                f"({self.ckpt_path}) is kept") from None
+            raise TrainingError(f"relaxation diverged at {where}: {_cause(e)}. {kept}") from e
+        except TrainingError:
+            raise
+        except STEP_ERRORS as e:
+            raise TrainingError(f"training failed at {where}: {_cause(e)}. {kept}") from e
         return loss.detach(), logits.detach()
 
     def train_epoch(self) -> dict | None:
@@ -351,9 +495,12 @@ class Trainer:
         totals = EpochTotals(self.device)
         t0 = time.perf_counter()
         show = bool(self.cfg["progress"] and self.dist.is_main)
-        for x, y in progress_bar(show, self.test_loader, desc="  test", leave=False, dynamic_ncols=True):
+        for i, (x, y) in enumerate(progress_bar(show, self.test_loader, desc="  test", leave=False,
+                                                dynamic_ncols=True)):
             loss, output = self._forward_loss(x, y, self.model)
             totals.add(loss, self.objective.scores(output), y)
+            if i == 0:
+                ckpt_io.kill_point("eval")
         totals.sums = distributed.all_reduce_sum(totals.sums, self.dist)
         out = {f"test_{k}": v for k, v in totals.values().items() if k != "count"}
         out["eval_time_s"] = time.perf_counter() - t0
@@ -380,22 +527,85 @@ class Trainer:
     def _objective_note(self) -> str:
         return "" if type(self.objective) is CrossEntropy else f" ({self.objective!r})"
 
-    def fit(self) -> dict:
-        """Train to `epochs`; returns a summary (status 'completed' or 'interrupted')."""
-        cfg = self.cfg
-        self.echo(self.describe())
-        logger = None
+    def _prepare_out_dir(self) -> MetricsLogger:
+        """Main rank: remove stale temporary files; a new run replaces the run files of the
+        folder (checkpoints first, so that no old checkpoint sits beside the new config); the
+        config is written and the metrics log opened (a resumed run keeps its records up to
+        the checkpoint's epoch)."""
+        out = self.out_dir
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stale = ckpt_io.remove_stale_temporaries(out, RUN_FILES)
+            if stale:
+                self.echo(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
+                          f"{', '.join(p.name for p in stale)}")
+            if not self.resumed:
+                for name in (CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name, "metrics.jsonl", *OUTPUT_FILES):
+                    (out / name).unlink(missing_ok=True)
+                for events in (out / "tb").glob("events.out.tfevents.*"):
+                    events.unlink(missing_ok=True)
+            ckpt_io.write_text_atomic(out / "config.yaml", to_yaml(self.cfg))
+            return MetricsLogger(out, self.cfg["tensorboard"], fresh=not self.resumed, keep_through=self.epoch)
+        except OSError as e:
+            raise ConfigError(f"out_dir {out} cannot be written: {e.strerror or _cause(e)}"
+                              f"{f' ({e.filename})' if e.filename else ''}") from None
+        except ValueError as e:  # a damaged metrics.jsonl
+            raise TrainingError(f"cannot resume the metrics log: {_cause(e)}") from None
+
+    def _pending_logged(self) -> bool:
+        """Whether metrics.jsonl already holds the record of the pending epoch (the main rank
+        reads it; every rank gets its answer)."""
+        logged = False
         if self.dist.is_main:
-            if not self.resumed and self.ckpt_path.exists():
-                self.echo(f"note: {self.ckpt_path} from an earlier run will be replaced "
-                          f"(pass --resume to continue that run instead)")
-            logger = MetricsLogger(self.out_dir, cfg["tensorboard"], fresh=not self.resumed)
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            try:
+                logged = int(self.pending["epoch"]) in {r.get("epoch") for r in read_metrics(self.out_dir /
+                                                                                           "metrics.jsonl")}
+            except ValueError as e:
+                raise TrainingError(f"cannot resume the metrics log: {_cause(e)}") from None
+        return distributed.any_flag(logged, self.dist)
+
+    def _finish_epoch(self, logger: MetricsLogger | None) -> dict:
+        """Evaluate the trained epoch (already saved, as `pending`) when due, log and print
+        its record. An evaluation failure is a TrainingError with its cause; the checkpoint of
+        the epoch stays, and a resumed run evaluates it first."""
+        record = self.pending
+        assert record is not None
+        epoch = int(record["epoch"])
+        if epoch % self.cfg["eval_every"] == 0 or epoch == self.cfg["epochs"]:
+            try:
+                record.update(self.evaluate())
+            except (DivergenceError, *STEP_ERRORS) as e:
+                raise TrainingError(f"evaluation after epoch {epoch} failed: {_cause(e)}. The trained epoch is saved "
+                                    f"in {self.ckpt_path}; fix the cause and continue with --resume (the evaluation "
+                                    f"runs first)") from e
+            record["epoch_time_s"] = record.get("epoch_time_s", 0.0) + record["eval_time_s"]
+        if logger is not None:
+            logger.log(record)
+        self.echo(_format_record(record, self.cfg["epochs"]))
+        self.pending = None
+        return record
+
+    def fit(self) -> dict:
+        """Train to `epochs`; returns a summary (status 'completed', 'interrupted', or
+        'already_complete' for a resumed run that had nothing left to train)."""
+        cfg = self.cfg
+        summary = {"epoch": self.epoch, "step": self.step, "last": {}, "is_main": self.dist.is_main,
+                   "checkpoint": str(self.ckpt_path), "curves": None}
+        if self.resumed and self.epoch >= cfg["epochs"] and self.pending is None:
+            done = self.epoch
+            self.echo(f"the run in {self.out_dir} is complete: {done} epoch(s) trained, epochs={cfg['epochs']}; "
+                      f"nothing to do. To train longer, resume with more epochs (e.g. epochs={done + max(done, 1)} "
+                      f"--resume)")
+            return {**summary, "status": "already_complete"}
+        self.echo(self.describe())
+        logger = self._prepare_out_dir() if self.dist.is_main else None
         handler_set = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_set else None
         last: dict = {}
         status = "completed"
         try:
+            if self.pending is not None:  # a saved epoch whose evaluation or log did not happen
+                last = self._finish_epoch(logger)
             while self.epoch < cfg["epochs"]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 lr = self.optimizer.param_groups[0]["lr"]  # at the start of the epoch
@@ -404,18 +614,14 @@ class Trainer:
                     status = "interrupted"
                     break
                 record = {"epoch": self.epoch + 1, "lr": lr, **train}
-                if (self.epoch + 1) % cfg["eval_every"] == 0 or self.epoch + 1 == cfg["epochs"]:
-                    record.update(self.evaluate())
                 record.update({"epoch_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0,
                                "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
                 self.epoch, self.step = self.epoch + 1, 0
                 if cfg["optim"]["schedule_unit"] == "epoch":
                     self.scheduler.step()
-                self.save()
-                if logger is not None:
-                    logger.log(record)
-                self.echo(_format_record(record, cfg["epochs"]))
-                last = record
+                self.pending = record
+                self.save()  # before the evaluation: a failing evaluation keeps the trained epoch
+                last = self._finish_epoch(logger)
                 if self._stop:
                     status = "interrupted"
                     break
@@ -429,8 +635,8 @@ class Trainer:
             if logger is not None:
                 logger.close()
         png = self._plot() if self.dist.is_main else None
-        return {"status": status, "epoch": self.epoch, "step": self.step, "last": last, "is_main": self.dist.is_main,
-                "checkpoint": str(self.ckpt_path), "curves": None if png is None else str(png)}
+        return {**summary, "status": status, "epoch": self.epoch, "step": self.step, "last": last,
+                "curves": None if png is None else str(png)}
 
     def _plot(self) -> Path | None:
         """The learning-curve PNG; without matplotlib (the `plot` extra) a note instead."""
