@@ -6,8 +6,11 @@ call them with its own settings; no test module is imported by another.
 """
 from __future__ import annotations
 
+import gzip
+import pickle
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -92,3 +95,72 @@ def sq_loss() -> Callable[[Tensor, Tensor], Tensor]:
     def loss(out: Tensor, y: Tensor) -> Tensor:
         return 0.5 * ((out - y) ** 2).flatten(1).sum(1).mean()
     return loss
+
+
+# ---------------------------------------------------------------------------------------
+# small dataset files in their real formats (idx, CIFAR pickles, .ts)
+# ---------------------------------------------------------------------------------------
+
+class DataWriters:
+    """Writers of small dataset files in the published formats, from one seeded generator."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def idx(self, path, arr, type_code: int = 0x08) -> None:
+        """An idx file (gzip-compressed when the name ends in .gz); ``type_code`` 0x08 is unsigned bytes."""
+        dtype = {0x08: np.uint8, 0x09: np.int8, 0x0D: ">f4"}[type_code]
+        raw = bytes([0, 0, type_code, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes() + \
+            np.asarray(arr).astype(dtype).tobytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+    def mnist_like(self, directory, n_train: int = 12, n_test: int = 5, side: int = 28, test_side: int | None = None,
+                   gz: bool = True) -> dict:
+        """{train,t10k}-{images,labels} idx files in ``directory``; returns {prefix: (images, labels)}."""
+        out = {}
+        for prefix, n, s in (("train", n_train, side), ("t10k", n_test, test_side or side)):
+            x = self.rng.integers(0, 256, (n, s, s), dtype=np.uint8)
+            y = self.rng.integers(0, 10, n, dtype=np.uint8)
+            ext = ".gz" if gz else ""
+            self.idx(directory / f"{prefix}-images-idx3-ubyte{ext}", x)
+            self.idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", y)
+            out[prefix] = (x, y)
+        return out
+
+    def pickle(self, path, obj, protocol: int = 2) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+    def cifar10(self, root, n: int = 3, test_labels: list[int] | None = None) -> None:
+        """cifar-10-batches-py/data_batch_1..5 and test_batch with ``n`` random images each."""
+        d = root / "cifar-10-batches-py"
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            labels = test_labels if name == "test_batch" and test_labels is not None else \
+                [int(v) for v in self.rng.integers(0, 10, n)]
+            data = self.rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+            self.pickle(d / name, {b"batch_label": name.encode(), b"data": data, b"labels": labels})
+
+    @staticmethod
+    def ts(rows: list[str], labels: tuple[str, ...] | None = ("a", "b"), dims: int = 2) -> str:
+        """A .ts file: a header, then ``rows`` as data lines (``"1,2,3:4,5,6:a"``); ``labels=None``
+        declares a regression file (@targetLabel true)."""
+        head = ["@problemName Toy", "@timeStamps false", "@missing true", "@univariate false",
+                f"@dimensions {dims}", "@equalLength false"]
+        head.append(f"@classLabel true {' '.join(labels)}" if labels else "@targetLabel true")
+        return "\n".join(head + ["@data"] + list(rows)) + "\n"
+
+    @staticmethod
+    def uea(root, name: str, train: str, test: str):
+        """root/uea/<name>/<name>_{TRAIN,TEST}.ts; returns the folder."""
+        d = root / "uea" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}_TRAIN.ts").write_text(train)
+        (d / f"{name}_TEST.ts").write_text(test)
+        return d
+
+
+@pytest.fixture
+def data_files() -> DataWriters:
+    """Writers of small dataset files in their real formats (see DataWriters)."""
+    return DataWriters()

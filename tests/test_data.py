@@ -102,22 +102,24 @@ def test_mnist_idx_roundtrip(tmp_path, gz):
         np.testing.assert_allclose(ds.std, std, rtol=1e-10)
 
 
-def test_fashion_data_dir_then_system_dir(tmp_path, monkeypatch):
+def test_fashion_default_search_then_system_dir(tmp_path, monkeypatch):
     system = tmp_path / "system"
     sys_files = write_mnist_like(system)
     monkeypatch.setattr(data_datasets, "FASHION_SYSTEM_DIR", system)
-    ds = load_dataset("fashion_mnist", "train", tmp_path / "root")
+    (tmp_path / "root").mkdir()
+    monkeypatch.setenv("EQPROP_DATA", str(tmp_path / "root"))
+    ds = load_dataset("fashion_mnist", "train")  # no data_dir: $EQPROP_DATA, then the system copy
     assert ds.source == str(system) and torch.equal(ds.x[:, 0], torch.from_numpy(sys_files["train"][0]))
     own = write_mnist_like(tmp_path / "root" / "fashion_mnist", n_train=7)
-    data_datasets.clear_stats_cache()
-    ds = load_dataset("fashion_mnist", "train", tmp_path / "root")
+    ds = load_dataset("fashion_mnist", "train")
     assert ds.source == str(tmp_path / "root" / "fashion_mnist") and len(ds) == 7
     assert torch.equal(ds.x[:, 0], torch.from_numpy(own["train"][0]))
 
 
-def test_fashion_missing_names_both_places(tmp_path):
+def test_fashion_missing_names_both_places(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQPROP_DATA", str(tmp_path))
     with pytest.raises(DatasetNotFound) as e:
-        load_dataset("fashion_mnist", "train", tmp_path)
+        load_dataset("fashion_mnist", "train")
     msg = str(e.value)
     assert str(tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz") in msg
     assert "no-system-fashion" in msg and isinstance(e.value, FileNotFoundError)
@@ -180,7 +182,7 @@ def test_pickle_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"train: missing keys \['fine_labels'\]"):
         load_dataset("cifar100", "train", tmp_path)
     write_pickle(d / "train", {b"data": rows(2), b"fine_labels": [0, 100]})
-    with pytest.raises(DatasetError, match="labels outside 0..99"):
+    with pytest.raises(DatasetError, match=r"train: label 100 at index 1 is outside 0..99 \(100 classes\)"):
         load_dataset("cifar100", "train", tmp_path)
     write_pickle(d / "train", {b"data": rows(2), b"fine_labels": [0]})
     with pytest.raises(DatasetError, match="2 images but 1 labels"):
@@ -215,7 +217,7 @@ def test_imagenet32_pickle_and_npz(tmp_path):
     assert ds.x.shape == (20, 3, 32, 32) and ds.num_classes == 1000 and ds.y.tolist() == [v - 1 for v in labels]
     assert load_dataset("imagenet32", "test", tmp_path).y.tolist() == [0, 999, 6]
     write_pickle(d / "val_data", {"data": rows(1), "labels": [0]})
-    with pytest.raises(DatasetError, match="val_data: labels outside 1..1000"):
+    with pytest.raises(DatasetError, match="val_data: label 0 at index 0 is outside 1..1000"):
         load_dataset("imagenet32", "test", tmp_path)
     (d / "train_data_batch_4.npz").unlink()
     with pytest.raises(DatasetNotFound, match="train_data_batch_4"):
@@ -309,8 +311,12 @@ def test_ts_sktime_location_without_import(tmp_path, monkeypatch):
         (pkg / "datasets" / "data" / "JapaneseVowels" / f"JapaneseVowels_{split}.ts").write_text(
             ts_text(cases, ("x", "y"), equal=False, univariate=True))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    ds = load_dataset("uea_japanese_vowels", "test", tmp_path / "empty-root")
+    (tmp_path / "empty-root").mkdir()
+    monkeypatch.setenv("EQPROP_DATA", str(tmp_path / "empty-root"))
+    ds = load_dataset("uea_japanese_vowels", "test")  # the default search ends in sktime's files
     assert ds.x.shape == (2, 6, 1) and "sktime" in ds.source and "sktime" not in sys.modules
+    with pytest.raises(DatasetNotFound, match="only place searched"):  # an explicit data_dir does not
+        load_dataset("uea_japanese_vowels", "test", tmp_path / "empty-root")
 
 
 def test_ts_missing_file_says_where(tmp_path):
@@ -511,8 +517,9 @@ def test_loader_limit_sequences_and_errors():
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.setattr(data_datasets, "FASHION_SYSTEM_DIR", Path("/usr/share/datasets/fashion-mnist"))
-    train = load_dataset("fashion_mnist", "train", tmp_path)
-    test = load_dataset("fashion_mnist", "test", tmp_path)
+    monkeypatch.setenv("EQPROP_DATA", str(tmp_path))  # the default search ends in the system copy
+    train = load_dataset("fashion_mnist", "train")
+    test = load_dataset("fashion_mnist", "test")
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     for ds in (train, test):
         assert ds.y.min() == 0 and ds.y.max() == 9 and torch.bincount(ds.y).tolist() == [len(ds) // 10] * 10
@@ -526,13 +533,14 @@ def _sktime_has(problem: str) -> bool:
 
 @pytest.mark.skipif(not (_sktime_has("JapaneseVowels") and _sktime_has("BasicMotions")),
                     reason="the optional sktime extra is not installed")
-def test_real_uea_from_sktime(tmp_path):
-    jv = load_dataset("uea_japanese_vowels", "train", tmp_path)
-    jv_test = load_dataset("uea_japanese_vowels", "test", tmp_path)
+def test_real_uea_from_sktime(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQPROP_DATA", str(tmp_path))  # the default search ends in sktime's files
+    jv = load_dataset("uea_japanese_vowels", "train")
+    jv_test = load_dataset("uea_japanese_vowels", "test")
     assert jv.x.shape[0] == 270 and jv.x.shape[2] == 12 and jv_test.x.shape[0] == 370
     assert jv.num_classes == 9 and torch.bincount(jv.y).tolist() == [30] * 9
     assert int(jv_test.lengths.min()) == 7 and int(jv_test.lengths.max()) == 29
-    bm = load_dataset("uea_basic_motions", "test", tmp_path)
+    bm = load_dataset("uea_basic_motions", "test")
     assert bm.x.shape == (40, 100, 6) and bm.class_names == ("Standing", "Running", "Walking", "Badminton")
 
 
@@ -545,7 +553,7 @@ def test_cli_info(tmp_path, capsys):
     assert main(["data", "info", "mnist", "--split", "test", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "(5, 1, 28, 28) uint8" in out and str(tmp_path / "mnist") in out
-    assert main(["data", "info", "cifar10", "--data-dir", str(tmp_path)]) == 1
+    assert main(["data", "info", "cifar10", "--data-dir", str(tmp_path)]) == 2
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in capsys.readouterr().err
 
 
@@ -600,12 +608,13 @@ def epoch_batches(ds: Dataset, world: int, epoch: int, **kw) -> list[list[list[i
 
 @settings(max_examples=50, deadline=None, database=None)
 @given(n=st.integers(1, 150), per_rank=st.integers(1, 12), world=st.integers(1, 4), seed=st.integers(0, 10**6),
-       epoch=st.integers(0, 1000), train=st.booleans(), drop_last=st.booleans())
-def test_property_ranks_shard_an_epoch(n, per_rank, world, seed, epoch, train, drop_last):
-    """For any size, global batch, world size, seed and epoch: the ranks' batches are disjoint, equal
-    in number, cover the epoch (all examples, or all but the n mod B dropped with drop_last), each
-    global batch is the ranks' slices in rank order, and the order depends on (seed, epoch) only."""
-    batch = per_rank * world
+       epoch=st.integers(0, 1000), drop_last=st.booleans())
+def test_property_ranks_shard_a_training_epoch(n, per_rank, world, seed, epoch, drop_last):
+    """Training, for any size, global batch, world size, seed and epoch: the ranks' batches are
+    disjoint, equal in number, cover the epoch (all examples, or all but the n mod B dropped with
+    drop_last), each global batch is the ranks' slices in rank order, and the order depends on
+    (seed, epoch) only."""
+    batch, train = per_rank * world, True
     ds = indexed_sequences(n)
     kw = dict(batch_size=batch, train=train, seed=seed, drop_last=drop_last)
     ranks = epoch_batches(ds, world, epoch, **kw)
@@ -623,17 +632,78 @@ def test_property_ranks_shard_an_epoch(n, per_rank, world, seed, epoch, train, d
             assert sizes == [len(p) for p in torch.tensor_split(torch.arange(rest), world)]
     single = epoch_batches(ds, 1, epoch, **kw)[0]
     assert [sum((r[b] for r in ranks), []) for b in range(count)] == single  # rank order = the 1-rank batch
-    if not train:
-        assert sum(single, []) == list(range(len(seen)))  # evaluation keeps the dataset order
     assert epoch_batches(ds, world, epoch, **kw) == ranks  # a function of (seed, epoch): reproducible
     loader = DeviceLoader(ds, rank=world - 1, world_size=world, **kw)
     loader.set_epoch(epoch + 1)
     list(loader)
     loader.set_epoch(epoch)
     assert [y.tolist() for _, y in loader] == ranks[-1]  # and resumable after another epoch
-    if train and n >= 20 and count:
+    if n >= 20 and count:
         assert epoch_batches(ds, 1, epoch + 1, **kw)[0] != single  # a new order each epoch
         assert epoch_batches(ds, 1, epoch, **{**kw, "seed": seed + 1})[0] != single  # and per seed
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(n=st.integers(1, 120), batch=st.integers(1, 70), world=st.integers(1, 9), limit=st.integers(0, 120),
+       drop_last=st.booleans())
+def test_property_evaluation_shards_any_batch_over_any_world(n, batch, world, limit, drop_last):
+    """Evaluation, for any test-set size (and limit), any batch size and any world size, with no
+    divisibility required: the union of all ranks' examples is exactly the (limited) test set, each
+    example once; the ranks hold contiguous blocks in rank order whose sizes differ by at most one;
+    no batch is empty or larger than ceil(B/W); and the per-rank sums, reduced, equal the 1-rank
+    sums with no NaN, a rank without examples contributing zero sums and a count of zero."""
+    limit = min(limit, n) or None
+    used = limit or n
+    if drop_last:
+        used -= used % batch
+    ds = indexed_sequences(n)
+    kw = dict(batch_size=batch, train=False, limit=limit, drop_last=drop_last)
+    ranks = epoch_batches(ds, world, 0, **kw)
+    flat = [[i for b in r for i in b] for r in ranks]
+    assert sum(flat, []) == list(range(used))  # each example once, in dataset order across ranks
+    assert max(map(len, flat)) - min(map(len, flat)) <= 1
+    local = -(-batch // world)
+    assert all(1 <= len(b) <= local for r in ranks for b in r)  # never an empty batch
+    sums = []
+    for rank in range(world):
+        loader = DeviceLoader(ds, rank=rank, world_size=world, **kw)
+        assert loader.shard == (sum(map(len, flat[:rank])), sum(map(len, flat[:rank + 1])))
+        s = torch.zeros(2, dtype=torch.float64)  # (loss * n, n), accumulated as the trainer does per batch
+        for x, y in loader:
+            loss = (x.double() ** 2).mean()
+            s += torch.stack([loss * len(y), torch.tensor(float(len(y)), dtype=torch.float64)])
+        sums.append(s)
+        if not flat[rank]:
+            assert s.tolist() == [0.0, 0.0]
+    total = torch.stack(sums).sum(0)  # the all-reduce
+    assert torch.isfinite(total).all() and total[1] == used
+    assert torch.allclose(total[0], (torch.arange(used, dtype=torch.float64) ** 2).sum())
+
+
+def test_evaluation_batch_not_divisible_by_world_size():
+    ds = indexed_sequences(10)
+    loaders = [DeviceLoader(ds, 3, train=False, rank=r, world_size=4) for r in range(4)]
+    assert [[y.tolist() for _, y in lo] for lo in loaders] == [[[0], [1], [2]], [[3], [4], [5]], [[6], [7]], [[8], [9]]]
+    assert [len(lo) for lo in loaders] == [3, 3, 2, 2]
+    tiny = [DeviceLoader(ds, 512, train=False, rank=r, world_size=16, limit=3) for r in range(16)]
+    assert [len(lo) for lo in tiny] == [1, 1, 1] + [0] * 13 and not list(tiny[15])
+    with pytest.raises(ValueError, match="training batch_size 3 is not divisible by world_size 4"):
+        DeviceLoader(ds, 3, train=True, rank=0, world_size=4)
+
+
+def test_loader_refuses_non_finite_inputs():
+    x = torch.zeros(4, 3, 2)
+    x[2, 1, 0] = float("nan")
+    ds = Dataset(x=x, y=torch.zeros(4, dtype=torch.long), num_classes=2, mean=(0.0, 0.0), std=(1.0, 1.0),
+                 name="toy", kind="sequence", split="test")
+    with pytest.raises(ValueError, match=r"toy test: 1 example\(s\) hold NaN or infinite values \(the first: "
+                                         r"example 2\); impute them when loading \(dataset option missing=mean"):
+        DeviceLoader(ds, 2, train=False)
+    assert len(DeviceLoader(ds, 2, train=False, limit=2)) == 1  # the first two examples are finite
+    ds.x[2, 1, 0] = 0.0
+    ds.mean = (0.0, float("inf"))
+    with pytest.raises(ValueError, match=r"mean is not finite for channel/feature \[1\]"):
+        DeviceLoader(ds, 2, train=False)
 
 
 # ------------------------------------------------------------------ optional extras (eqprop.optional)

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .datasets import NAMES, load_dataset, resolve_data_dir
+from .datasets import MISSING_OPTIONS, NAMES, load_dataset, resolve_data_dir
 from .formats import DatasetError
 
 __all__ = ["MANUAL", "SOURCES", "add_arguments", "download", "fetch", "file_digest", "run", "verify_checksum"]
@@ -121,36 +121,47 @@ def fetch(name: str, root: Path) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
-    for action, help_text in (("info", "load a dataset and print its shape, classes, mean/std and location"),
+    for action, help_text in (("info", "load a dataset and print its shape, classes, mean/std and the files read"),
                               ("fetch", "download a dataset from its official address, verifying checksums")):
         p = sub.add_parser(action, help=help_text, description=help_text)
         p.add_argument("name", help=f"dataset: {', '.join(NAMES)}, or uea:<Name>")
-        p.add_argument("--data-dir", default=None, help="data directory (default: $EQPROP_DATA, then ~/.cache/eqprop)")
+        p.add_argument("--data-dir", default=None,
+                       help="data directory, the only place searched when given (default: $EQPROP_DATA, else "
+                            "~/.cache/eqprop, then the system Fashion-MNIST / sktime's UEA files)")
         if action == "info":
             p.add_argument("--split", default="train", choices=("train", "test"))
             p.add_argument("--permute-seed", type=int, default=None,
                            help="sequential Fashion-MNIST: permute time steps")
+            p.add_argument("--missing", default=None, choices=MISSING_OPTIONS,
+                           help="UEA sets: refuse missing/non-finite values (error, the default) or impute them")
+            p.add_argument("--pad", default=None, choices=("edge", "zero"),
+                           help="UEA sets: how series of unequal length are padded (default edge)")
 
 
 def run(args: argparse.Namespace) -> int:
-    root = resolve_data_dir(args.data_dir)
+    """``eqprop data ...``; a data error is one line on stderr and exit status 2."""
     try:
         if args.action == "fetch":
-            for path in fetch(args.name, root):
+            for path in fetch(args.name, resolve_data_dir(args.data_dir)):
                 print(f"ok  {path}")
             return 0
-        options = {} if args.permute_seed is None else {"permute_seed": args.permute_seed}
-        ds = load_dataset(args.name, args.split, root, **options)
+        options = {k: v for k, v in (("permute_seed", args.permute_seed), ("missing", args.missing),
+                                     ("pad", args.pad)) if v is not None}
+        ds = load_dataset(args.name, args.split, args.data_dir, **options)
     except (DatasetError, ValueError) as e:
         print(f"eqprop data {args.action}: {e}", file=sys.stderr)
-        return 1
+        return 2
     fmt = lambda v: "(" + ", ".join(f"{a:.4f}" for a in v) + ")"  # noqa: E731
     print(f"dataset   {ds.name} [{ds.split}] ({ds.kind})")
     print(f"x         {tuple(ds.x.shape)} {str(ds.x.dtype).replace('torch.', '')}")
     print(f"y         {tuple(ds.y.shape)} {str(ds.y.dtype).replace('torch.', '')}, {ds.num_classes} classes")
     if ds.lengths is not None:
         print(f"lengths   {int(ds.lengths.min())}..{int(ds.lengths.max())} (padded to {ds.x.shape[1]})")
+    if ds.imputed:
+        print(f"imputed   {ds.imputed} missing or non-finite value(s) (missing={options['missing']})")
     print(f"mean      {fmt(ds.mean)}  (train split{', 0..1 units' if ds.kind == 'image' else ''})")
     print(f"std       {fmt(ds.std)}")
     print(f"source    {ds.source}")
+    for f in ds.sources:
+        print(f"file      {f['path']}  {f['size']} bytes  sha256(first 64 KiB) {f['head_sha256'][:16]}")
     return 0

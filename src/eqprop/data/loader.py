@@ -4,13 +4,22 @@ No worker processes and no per-sample Python: each epoch draws one permutation (
 augmenting, one crop offset and flip bit per position) from a CPU ``torch.Generator`` seeded
 from ``(seed, epoch)``, so a run is reproducible on any device and resumable at any epoch.
 
-Sharding for DistributedDataParallel: ``batch_size`` is the *global* batch ``B``. Every rank
-draws the same permutation and takes its contiguous slice of each global batch: rank ``r``
-gets positions ``[r*B/W, (r+1)*B/W)`` of every full batch (``B`` must be divisible by the world
-size ``W``), so concatenating the ranks' batches in rank order gives exactly the 1-rank batch,
-augmentation included. A final partial batch (``drop_last=False``) is split into ``W`` nearly
-equal contiguous pieces (as ``torch.tensor_split``; a piece may be empty); ``len()`` is the
-same on every rank.
+Sharding for DistributedDataParallel, training (``train=True``): ``batch_size`` is the *global*
+batch ``B``. Every rank draws the same permutation and takes its contiguous slice of each global
+batch: rank ``r`` gets positions ``[r*B/W, (r+1)*B/W)`` of every full batch (``B`` must be
+divisible by the world size ``W``), so concatenating the ranks' batches in rank order gives
+exactly the 1-rank batch, augmentation included. A final partial batch (``drop_last=False``) is
+split into ``W`` nearly equal contiguous pieces (as ``torch.tensor_split``; a piece may be
+empty); ``len()`` is the same on every rank.
+
+Evaluation (``train=False``) takes any ``B`` and any ``W``: the examples (the first
+``limit``, in dataset order; with ``drop_last`` only the full global batches) are split into ``W``
+contiguous blocks whose sizes differ by at most one (as ``torch.tensor_split``), and each rank
+reads its block in batches of at most ``ceil(B/W)``. Every example is evaluated by exactly one
+rank, once; concatenating the ranks' batches in rank order gives the dataset order. No batch is
+ever empty: a rank whose block is empty (fewer examples than ranks) yields nothing, so its sums
+stay zero with a count of zero, and ``len()`` may differ between ranks by one batch (evaluation
+must not run collectives per batch).
 """
 from __future__ import annotations
 
@@ -75,8 +84,8 @@ class DeviceLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if batch_size % world_size:
-            raise ValueError(f"global batch_size {batch_size} is not divisible by world_size {world_size}")
+        if train and batch_size % world_size:
+            raise ValueError(f"global training batch_size {batch_size} is not divisible by world_size {world_size}")
         if std_factor <= 0:
             raise ValueError(f"std_factor must be > 0, got {std_factor}")
         n = len(dataset)
@@ -90,8 +99,18 @@ class DeviceLoader:
             raise ValueError(f"need pad >= 0 and padding_mode 'edge' or 'zero', got {pad}, {padding_mode!r}")
         std = torch.tensor(dataset.std, dtype=torch.float64)
         if (std <= 0).any() or not torch.isfinite(std).all():
-            bad = [i for i, s in enumerate(dataset.std) if not s > 0]
+            bad = [i for i, s in enumerate(dataset.std) if not 0 < s < float("inf")]
             raise ValueError(f"{dataset.name}: std is zero or invalid for channel/feature {bad}; cannot normalise")
+        if not all(abs(m) < float("inf") for m in dataset.mean):
+            bad = [i for i, m in enumerate(dataset.mean) if not abs(m) < float("inf")]
+            raise ValueError(f"{dataset.name}: mean is not finite for channel/feature {bad}; cannot normalise")
+        if dataset.x.is_floating_point():
+            finite = torch.isfinite(dataset.x[:n].reshape(n, -1)).all(1)
+            if not finite.all():
+                first = int((~finite).nonzero()[0])
+                raise ValueError(f"{dataset.name} {dataset.split}: {int((~finite).sum())} example(s) hold NaN or "
+                                 f"infinite values (the first: example {first}); impute them when loading "
+                                 "(dataset option missing=mean or missing=zero)")
         self.device = torch.device(device)
         self.x = dataset.x[:n].to(self.device)
         self.y = dataset.y[:n].to(self.device)
@@ -115,7 +134,27 @@ class DeviceLoader:
         """Select the epoch whose permutation and augmentation the next iteration uses."""
         self.epoch = int(epoch)
 
+    @property
+    def shard(self) -> tuple[int, int]:
+        """Evaluation: this rank's block ``[lo, hi)`` of positions; training: every position."""
+        n = self.num_examples
+        if self.train:
+            return 0, n
+        if self.drop_last:
+            n -= n % self.batch_size
+        size, extra = divmod(n, self.world_size)
+        lo = self.rank * size + min(self.rank, extra)
+        return lo, lo + size + (1 if self.rank < extra else 0)
+
+    @property
+    def local_batch_size(self) -> int:
+        """The most examples one batch holds on this rank."""
+        return -(-self.batch_size // self.world_size)
+
     def __len__(self) -> int:
+        if not self.train:
+            lo, hi = self.shard
+            return -(-(hi - lo) // self.local_batch_size)
         full, rest = divmod(self.num_examples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -132,15 +171,25 @@ class DeviceLoader:
                 flips = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
         return perm.to(self.device), shifts, flips
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, shifts, flips = self._draws()
+    def _ranges(self) -> Iterator[tuple[int, int]]:
+        """The ``[lo, hi)`` positions of each of this rank's batches."""
+        if not self.train:
+            lo, hi = self.shard
+            b = self.local_batch_size
+            for start in range(lo, hi, b):
+                yield start, min(start + b, hi)
+            return
         bsz, ws, r = self.batch_size, self.world_size, self.rank
         for b in range(len(self)):
             start = b * bsz
             m = min(bsz, self.num_examples - start)
             size, extra = divmod(m, ws)  # tensor_split-style pieces; exact B/W for full batches
             lo = start + r * size + min(r, extra)
-            hi = lo + size + (1 if r < extra else 0)
+            yield lo, lo + size + (1 if r < extra else 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, shifts, flips = self._draws()
+        for lo, hi in self._ranges():
             idx = order[lo:hi]
             x = self.x.index_select(0, idx)
             if shifts is not None:

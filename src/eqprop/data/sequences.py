@@ -6,7 +6,12 @@
 ``@targetLabel true``), then ``@data`` and one case per line: the dimensions separated by
 ``:``, each a comma-separated list of values, the class label (or regression target) last.
 ``#`` starts a comment line. Time-stamped series (``@timeStamps true``) are not supported.
-A missing value ``?`` is an error by default, or NaN with ``missing="nan"``.
+
+Every value must be a finite number that float32 can hold: a missing value ``?``, a literal
+``NaN``/``inf`` or a number beyond float32's range (such as ``1e300``) is an error naming the file
+and line, unless ``read_ts(..., missing_values="nan")`` is asked to return all of them as NaN
+(what :func:`eqprop.data.load_dataset` does before imputing them with ``missing="mean"`` or
+``missing="zero"``). Regression targets must be finite.
 """
 from __future__ import annotations
 
@@ -16,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import DatasetError, missing
+from .formats import DatasetError, missing, note_read
 
-__all__ = ["TsFile", "image_to_sequence", "pad_series", "read_ts", "sktime_data_dir", "uea_candidates", "uea_problem"]
+__all__ = ["FLOAT32_MAX", "IMPUTE", "TsFile", "image_to_sequence", "impute", "observed_means", "pad_series", "read_ts",
+           "sktime_data_dir", "uea_candidates", "uea_problem"]
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+IMPUTE = ("mean", "zero")  # load_dataset's missing= options that fill missing/non-finite values
+_IMPUTE_HINT = "the dataset option missing=mean or missing=zero imputes such values"
 
 
 @dataclass
@@ -40,7 +50,7 @@ def read_ts(path: Path, missing_values: str = "error") -> TsFile:
     """Parse one ``.ts`` file; errors name the file and line."""
     path = Path(path)
     if missing_values not in ("error", "nan"):
-        raise ValueError(f"missing must be 'error' or 'nan', got {missing_values!r}")
+        raise ValueError(f"read_ts: missing_values must be 'error' or 'nan', got {missing_values!r}")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -96,16 +106,25 @@ def read_ts(path: Path, missing_values: str = "error") -> TsFile:
             raise DatasetError(f"{path}:{lineno}: {len(dims)} dimensions, expected {declared_dims}")
         values = []
         for d, part in enumerate(dims):
-            items = part.split(",")
+            items = [v.strip() for v in part.split(",")]
             if "?" in items:
                 if missing_values == "error":
-                    raise DatasetError(f"{path}:{lineno}: missing value '?' in dimension {d} "
-                                       "(pass missing='nan' to read it as NaN)")
+                    raise DatasetError(f"{path}:{lineno}: missing value '?' in dimension {d} at step "
+                                       f"{items.index('?')} ({_IMPUTE_HINT})")
                 items = ["nan" if v == "?" else v for v in items]
             try:
-                values.append(np.asarray(items, dtype=np.float64))
+                v = np.asarray(items, dtype=np.float64)
             except ValueError:
                 raise DatasetError(f"{path}:{lineno}: dimension {d} has a non-numeric value") from None
+            bad = ~(np.abs(v) <= FLOAT32_MAX)  # NaN, inf, and what float32 would turn into inf
+            if bad.any():
+                if missing_values == "error":
+                    i = int(np.flatnonzero(bad)[0])
+                    what = "non-finite value" if not np.isfinite(v[i]) else "value beyond float32's range"
+                    raise DatasetError(f"{path}:{lineno}: {what} {items[i]!r} in dimension {d} at step {i} "
+                                       f"({_IMPUTE_HINT})")
+                v[bad] = np.nan
+            values.append(v)
         lengths = {len(v) for v in values}
         if len(lengths) != 1:
             raise DatasetError(f"{path}:{lineno}: dimensions have different lengths {[len(v) for v in values]}")
@@ -116,9 +135,12 @@ def read_ts(path: Path, missing_values: str = "error") -> TsFile:
         label = label.strip()
         if target:
             try:
-                ys.append(float(label))
+                value = float(label)
             except ValueError:
                 raise DatasetError(f"{path}:{lineno}: target {label!r} is not a number") from None
+            if not abs(value) <= FLOAT32_MAX:
+                raise DatasetError(f"{path}:{lineno}: target {label!r} is not a finite float32 number")
+            ys.append(value)
         else:
             if label not in label_index:
                 raise DatasetError(f"{path}:{lineno}: label {label!r} is not among the declared labels "
@@ -127,8 +149,33 @@ def read_ts(path: Path, missing_values: str = "error") -> TsFile:
         series.append(np.stack(values, axis=1))
     if not series:
         raise DatasetError(f"{path}: no cases after @data")
+    note_read(path)
     y = np.asarray(ys, dtype=np.float64 if target else np.int64)
     return TsFile(series, y, class_names, header)
+
+
+def observed_means(series: list[np.ndarray]) -> np.ndarray:
+    """Per-feature mean (float64) of the observed (non-NaN) values of all cases; NaN for a feature
+    with no observed value."""
+    flat = np.concatenate(series)
+    observed = ~np.isnan(flat)
+    count = observed.sum(0)
+    total = np.where(observed, flat, 0.0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def impute(series: list[np.ndarray], fill: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Replace the NaNs of every case by ``fill`` (one value per feature); returns the cases and
+    how many values were filled."""
+    out, filled = [], 0
+    for s in series:
+        nan = np.isnan(s)
+        if nan.any():
+            s = np.where(nan, fill[None, :], s)
+            filled += int(nan.sum())
+        out.append(s)
+    return out, filled
 
 
 def pad_series(series: list[np.ndarray], pad: str = "edge") -> tuple[np.ndarray, np.ndarray]:
@@ -168,13 +215,14 @@ def sktime_data_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
-def uea_candidates(problem: str, split: str, root: Path) -> list[Path]:
-    """Paths searched for ``<Problem>_TRAIN.ts`` / ``_TEST.ts``: the data dir, then sktime's."""
+def uea_candidates(problem: str, split: str, root: Path, bundled: bool = True) -> list[Path]:
+    """Paths searched for ``<Problem>_TRAIN.ts`` / ``_TEST.ts``: the data dir, then (if ``bundled``)
+    the files inside the optional sktime wheel."""
     fname = f"{problem}_{split.upper()}.ts"
     paths = [root / "uea" / problem / fname]
-    bundled = sktime_data_dir()
-    if bundled is not None:
-        paths.append(bundled / problem / fname)
+    shipped = sktime_data_dir() if bundled else None
+    if shipped is not None:
+        paths.append(shipped / problem / fname)
     return paths
 
 
