@@ -52,9 +52,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Flags and positionals in any order (argparse's intermixed parsing), except for
-    commands with their own subcommands, which argparse parses the usual way."""
-    has_sub = any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
-    return parser.parse_args(argv) if has_sub else parser.parse_intermixed_args(argv)
+    commands whose arguments it cannot take (subcommands, a positional taking the rest of
+    the line), which argparse parses the usual way."""
+    fixed_order = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in parser._actions)
+    return parser.parse_args(argv) if fixed_order else parser.parse_intermixed_args(argv)
 
 
 def _one_line(e: BaseException) -> str:
