@@ -126,8 +126,9 @@ def test_estimators_that_do_not_fit_the_module():
     block = DenseHopfield([4, 3], name="blk")
     with pytest.raises(ValueError, match="blk: estimator 'rhel' does not apply to an energy-based block"):
         set_estimator(block, "rhel")
-    with pytest.raises(ValueError, match="blk: bptt on an energy-based block needs T2"):
-        set_estimator(block, "bptt", T2=None)
+    set_estimator(block, "bptt")  # T2=None: as many unrolled steps as the block's T1
+    assert block.estimator == BPTT(T2=None)
+    block.estimator = None
     with pytest.raises(ValueError, match="blk: estimator 'rhel'"):
         block.estimator = RHEL()
     with pytest.raises(TypeError, match="blk: an estimator must be an eqprop estimator object"):
@@ -141,6 +142,7 @@ def test_estimators_that_do_not_fit_the_module():
     with pytest.raises(ValueError, match="does not apply to a Hamiltonian unit"):
         LinearHRU(3, 4, estimator="id")
     assert unit.estimator == RHEL()
+    assert unit.set_estimator("bptt").estimator == BPTT()  # through every time step
     with pytest.raises(ValueError, match="holds no energy-based block or Hamiltonian unit"):
         set_estimator(nn.Linear(3, 3), "ep")
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import Activation, Identity, make_activation
@@ -32,7 +33,7 @@ State = list[Tensor]
 RelaxRecord = dict  # phase name -> RelaxStats, one per forward (see EnergyBlock.forward)
 
 __all__ = ["State", "RelaxStats", "RelaxRecord", "DivergenceError", "relative_change", "EnergyBlock",
-           "HopfieldBlock", "DenseHopfield", "ConvHopfield", "targets", "current_target", "output_block",
+           "HopfieldBlock", "DenseHopfield", "ConvHopfield", "targets", "current_target", "output_block", "target_like",
            "RELAX_SETTINGS"]
 
 RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs")
@@ -77,6 +78,8 @@ def output_block(model: nn.Module) -> EnergyBlock:
         last = model[-1]
         if isinstance(last, EnergyBlock):
             return last
+        if isinstance(last, nn.Sequential):
+            return output_block(last)
         raise ValueError(f"targets: the model's last module is {type(last).__name__}, not an energy-based block; "
                          f"rules that need the target (cl, cpl, cost on the output layer) need a block that holds "
                          f"the output layer (no readout after it)")
@@ -116,6 +119,26 @@ def targets(model: nn.Module, y: Tensor) -> Iterator[EnergyBlock]:
         _TARGETS.reset(token)
 
 
+def target_like(block: EnergyBlock, y: Tensor, out: Tensor, rule: str = "target") -> Tensor:
+    """The target as a tensor shaped like the output layer `out` (one-hot for labels);
+    raises naming the block when it cannot be."""
+    if not y.is_floating_point():
+        if out.dim() != 2:
+            raise ValueError(f"{rule} ({block.block_name}): integer labels need a flat output layer (batch, K), "
+                             f"the output layer has shape {tuple(out.shape)}; give a target of that shape")
+        if y.shape[0] != out.shape[0]:
+            raise ValueError(f"{rule} ({block.block_name}): {y.shape[0]} labels for a batch of {out.shape[0]}")
+        k = out.shape[1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ValueError(f"{rule} ({block.block_name}): labels must lie in [0, {k}), got range "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return F.one_hot(y.long().to(out.device), k).to(out.dtype)
+    if tuple(y.shape) != tuple(out.shape):
+        raise ValueError(f"{rule} ({block.block_name}): target of shape {tuple(y.shape)} does not match the output "
+                         f"layer of shape {tuple(out.shape)}")
+    return y.to(device=out.device, dtype=out.dtype)
+
+
 def current_target(block: EnergyBlock) -> Tensor | None:
     """The target set by the innermost `targets` context for this block, if any."""
     for b, y in reversed(_TARGETS.get()):
@@ -127,7 +150,7 @@ def current_target(block: EnergyBlock) -> Tensor | None:
 class EnergyBlock(nn.Module):
     """Base class of energy-based (analog) blocks.
 
-    Settings (plain attributes, changeable at any time, validated at every forward):
+    Settings (plain attributes, changeable at any time, validated at every relaxation):
       T1:           iteration cap of the free phase
       tol:          stop earlier when the relative change falls below it (None: run T1)
       update:       'sync' (all layers at once) or 'async' (one parity, then the other)
@@ -162,6 +185,8 @@ class EnergyBlock(nn.Module):
         self.estimator = estimator
         self.last_relax: RelaxRecord = {}
 
+    estimator_kind = "block"  # what an estimator's check_applicable is asked about
+
     @property
     def estimator(self) -> object:
         return self._estimator
@@ -169,7 +194,7 @@ class EnergyBlock(nn.Module):
     @estimator.setter
     def estimator(self, est: object) -> None:
         if est is not None:
-            if not callable(getattr(est, "attach", None)):
+            if not (callable(getattr(est, "attach", None)) and callable(getattr(est, "check_applicable", None))):
                 raise TypeError(f"{self.block_name}: an estimator must be an eqprop estimator object (e.g. "
                                 f"eqprop.EP()), got {type(est).__name__}; build one by name with "
                                 f"eqprop.make_estimator")
@@ -266,6 +291,7 @@ class EnergyBlock(nn.Module):
         Returns the state and its `RelaxStats`; on a GPU this costs one host-device
         synchronisation (plus one per tolerance check).
         """
+        self.validate()
         T = self.T1 if T is None else T
         tol = self.tol if tol == "block" else tol
         check_positive_int(self.block_name, "T", T)
@@ -363,6 +389,8 @@ class EnergyBlock(nn.Module):
         if not isinstance(u, Tensor) or not u.is_floating_point():
             raise TypeError(f"{self.block_name}: the input current must be a floating-point tensor, got "
                             f"{getattr(u, 'dtype', type(u).__name__)}")
+        if u.dim() < 2:
+            raise ValueError(f"{self.block_name}: the input current must be (batch, ...), got shape {tuple(u.shape)}")
         try:
             self.state_shapes(tuple(u.shape[1:]))
         except ValueError as e:
@@ -383,6 +411,8 @@ class EnergyBlock(nn.Module):
         self.check_input(u)
         target = check_target(target) if target is not None else current_target(self)
         s, stats = self.relax(u.detach())
+        if target is not None:
+            target_like(self, target, s[-1])  # shape and label range, before any backward
         record: RelaxRecord = {"free": stats}
         self.last_relax = record
         if self.estimator is None:
@@ -464,7 +494,7 @@ class DenseHopfield(HopfieldBlock):
     def __init__(self, widths: Sequence[int], activation: str | Activation = "hardsigmoid", slope: float = 1.0,
                  last_linear: bool = False, init: str = "kaiming", alpha: float = 0.5, **kw):
         widths = list(widths)
-        if len(widths) < 1 or any((not isinstance(w, int)) or w <= 0 for w in widths):
+        if len(widths) < 1 or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
             raise ValueError(f"DenseHopfield: widths must be positive integers, got {widths}")
         couplings = [DenseCoupling(a, b) for a, b in zip(widths[:-1], widths[1:])]
         super().__init__(couplings, _layer_activations(len(widths), activation, slope, last_linear), **kw)
@@ -487,6 +517,9 @@ class ConvHopfield(HopfieldBlock):
                  slope: float = 1.0, last_linear: bool = False, init: str = "goe", variance: float = 8.351e-5,
                  alpha: float = 0.5, **kw):
         channels, fc = list(channels), list(fc)
+        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in channels + fc):
+            raise ValueError(f"ConvHopfield: channels (at least one) and fc must be positive integers, got "
+                             f"channels={channels} fc={fc}")
         if len(pools) != len(channels) - 1 or any(p not in "m-" for p in pools):
             raise ValueError(f"ConvHopfield: pools must have one 'm' or '-' per conv coupling "
                              f"({len(channels) - 1}), got {pools!r}")

@@ -29,6 +29,8 @@ def configure_blocks(model: nn.Module, **settings: Any) -> nn.Module:
     """Set relaxation settings (T1, tol, update, first, check_every, relax_dtype,
     check_inputs) on every energy-based block of `model`; nothing changes if one is invalid."""
     blocks = [m for m in model.modules() if isinstance(m, EnergyBlock)]
+    if not blocks:
+        raise ValueError(f"configure_blocks: {type(model).__name__} holds no energy-based block")
     unknown = set(settings) - set(RELAX_SETTINGS)
     if unknown:
         raise ValueError(f"configure_blocks: unknown relaxation setting(s) {sorted(unknown)}; valid: "
@@ -53,20 +55,26 @@ def relax_stats(model: nn.Module) -> list[dict]:
 
 
 class FFEBM(nn.Sequential):
-    """An ordered chain of modules, some of which are `EnergyBlock`s. Blocks built without
-    an estimator get EP with its default settings. `input_shape` (without batch), when
-    given, is checked at every forward so that a wrong input size is named as such."""
+    """An ordered chain of modules, some of which are (or hold) `EnergyBlock`s. Blocks built
+    without an estimator get EP with its default settings, and blocks left with their class
+    name are named block1, block2, ... in order (error messages name them). `input_shape`
+    (without batch), when given, is checked at every forward so that a wrong input size is
+    named as such."""
 
     def __init__(self, *modules: nn.Module, input_shape: Sequence[int] | None = None):
         super().__init__(*modules)
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
-        for b in self.blocks:
+        for k, b in enumerate(self.blocks):
             if b.estimator is None:
                 b.estimator = EP()
+            if b.block_name == type(b).__name__:
+                b.block_name = f"block{k + 1}"
 
     @property
     def blocks(self) -> list[EnergyBlock]:
-        return [m for m in self if isinstance(m, EnergyBlock)]
+        """Every energy-based block of the chain, nested ones included, in order (the indices
+        of `set_estimator(..., blocks=[...])`)."""
+        return [m for m in self.modules() if isinstance(m, EnergyBlock)]
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         """Run the chain; `target` goes to the last module, which must then be an energy-based
@@ -81,7 +89,7 @@ class FFEBM(nn.Sequential):
             x = m(x, target) if (target is not None and i == len(self) - 1) else m(x)
         return x
 
-    def set_estimator(self, estimator: str | Estimator, blocks: Iterable[int] | None = None,
+    def set_estimator(self, estimator: str | Estimator, /, blocks: Iterable[int] | None = None,
                       **settings: Any) -> FFEBM:
         """Same as `eqprop.set_estimator(self, ...)`: all blocks or the given block indices."""
         set_estimator(self, estimator, blocks, **settings)
@@ -95,6 +103,14 @@ class FFEBM(nn.Sequential):
     def relax_stats(self) -> list[dict]:
         """Same as `eqprop.relax_stats(self)`."""
         return relax_stats(self)
+
+
+def check_relax_settings(owner: str, relax: dict) -> None:
+    """Builders pass extra keywords to the blocks as relaxation settings: refuse others."""
+    unknown = set(relax) - set(RELAX_SETTINGS)
+    if unknown:
+        raise ValueError(f"{owner}: unknown setting(s) {sorted(unknown)}; block settings are "
+                         f"{', '.join(RELAX_SETTINGS)} (estimator settings go in estimator_settings)")
 
 
 def total_halvings(size: int) -> int:
@@ -124,6 +140,7 @@ def conv_ffebm(blocks: Sequence[dict], num_classes: int = 10, in_size: int = 32,
     """
     if not blocks:
         raise ValueError("conv_ffebm: at least one block spec is needed")
+    check_relax_settings("conv_ffebm", relax)
     modules: list[nn.Module] = []
     size = in_size
     prev = None
@@ -176,6 +193,7 @@ def dense_ffebm(in_features: int, blocks: Sequence[Sequence[int]], num_classes: 
                 estimator: str | Estimator = "ep", estimator_settings: dict | None = None, **relax) -> FFEBM:
     """Dense ff-EBM: Linear -> DenseHopfield(widths) per block, then a linear readout."""
     check_positive_int("dense_ffebm", "in_features", in_features)
+    check_relax_settings("dense_ffebm", relax)
     if not blocks:
         raise ValueError("dense_ffebm: at least one block (a list of layer widths) is needed")
     modules: list[nn.Module] = [nn.Flatten()]

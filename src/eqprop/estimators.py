@@ -32,15 +32,14 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import EnergyBlock, RelaxRecord, RelaxStats, State, relative_change
+from .blocks import EnergyBlock, RelaxRecord, RelaxStats, State, relative_change, target_like
 from .precision import check_precision, low_dtype, relax_with_precision
 from .validate import check_choice, check_nonnegative_int, check_positive, check_positive_int, check_tol
 
 __all__ = ["Estimator", "ContrastEstimator", "Contrast", "EP", "ID", "BPTT", "RHEL", "VARIANTS", "NORMALIZE",
-           "error_scale", "per_sample", "normalized_current", "target_like", "loss_weights", "block_parameters"]
+           "error_scale", "per_sample", "normalized_current", "loss_weights", "block_parameters"]
 
 VARIANTS = ("centered", "positive", "negative")
 NORMALIZE = ("sample", "batch", "none")
@@ -76,25 +75,6 @@ def normalized_current(delta: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     c = per_sample(scale, delta)
     hat = torch.where(c > 0, delta / c.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
     return hat, scale
-
-
-def target_like(block: EnergyBlock, y: Tensor, out: Tensor, rule: str) -> Tensor:
-    """The target as a tensor shaped like the output layer `out` (one-hot for labels)."""
-    if not y.is_floating_point():
-        if out.dim() != 2:
-            raise ValueError(f"{rule} ({block.block_name}): integer labels need a flat output layer (batch, K), "
-                             f"the output layer has shape {tuple(out.shape)}; give a target of that shape")
-        if y.shape[0] != out.shape[0]:
-            raise ValueError(f"{rule} ({block.block_name}): {y.shape[0]} labels for a batch of {out.shape[0]}")
-        k = out.shape[1]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-            raise ValueError(f"{rule} ({block.block_name}): labels must lie in [0, {k}), got range "
-                             f"[{int(y.min())}, {int(y.max())}]")
-        return F.one_hot(y.long().to(out.device), k).to(out.dtype)
-    if tuple(y.shape) != tuple(out.shape):
-        raise ValueError(f"{rule} ({block.block_name}): target of shape {tuple(y.shape)} does not match the output "
-                         f"layer of shape {tuple(out.shape)}")
-    return y.to(device=out.device, dtype=out.dtype)
 
 
 def loss_weights(delta: Tensor, out: Tensor, y: Tensor, rule: str, block: EnergyBlock) -> Tensor:
@@ -359,19 +339,21 @@ class ID(Estimator):
             rhs = [torch.zeros_like(x) for x in s[:-1]] + [delta]
             lam = [d.clone() for d in rhs]
             every = self.check_every or (1 if delta.device.type == "cpu" else 10)
-            iters, converged = 0, None if self.tol is None else False
+            iters, converged, change = 0, None if self.tol is None else False, None
             while iters < self.max_iter:
                 vjp = torch.autograd.grad(f, leaves, grad_outputs=lam, retain_graph=True, allow_unused=True)
                 new = [d + (v if v is not None else 0) for d, v in zip(rhs, vjp)]
                 iters += 1
                 check = self.tol is not None and (iters % every == 0 or iters == self.max_iter)
-                if check and relative_change(new, lam).item() < self.tol:
+                if check or iters == self.max_iter:
+                    change = relative_change(new, lam)
+                if check and change.item() < self.tol:
                     lam, converged = new, True
                     break
                 lam = new
             inputs = ([u_in] if need_input else []) + params
             grads = list(torch.autograd.grad(f, inputs, grad_outputs=lam, allow_unused=True)) if inputs else []
-        record["adjoint"] = RelaxStats(iters, float("nan"), converged)
+        record["adjoint"] = RelaxStats(iters, float(change), converged)
         grad_u = grads.pop(0) if need_input else None
         return grad_u, grads
 
@@ -381,11 +363,12 @@ class BPTT(Estimator):
     """Backpropagation through time.
 
     Energy-based block: T2 steps run with autograd from the free equilibrium (memory grows
-    with T2). Hamiltonian unit: autograd through every time step; T2 must then be None (the
-    sequence sets the number of steps).
+    with T2); T2=None (the default) unrolls as many steps as the block's T1. Hamiltonian
+    unit: autograd through every time step; T2 must be None there (the sequence sets the
+    number of steps; truncation is not implemented).
     """
 
-    T2: int | None = 20
+    T2: int | None = None
     name: ClassVar[str] = "bptt"
     applies_to: ClassVar[tuple[str, ...]] = ("block", "sequence")
 
@@ -394,21 +377,17 @@ class BPTT(Estimator):
 
     def check_applicable(self, kind: str, owner: str) -> None:
         super().check_applicable(kind, owner)
-        if kind == "block" and self.T2 is None:
-            raise ValueError(f"{owner}: bptt on an energy-based block needs T2, the steps unrolled from the "
-                             f"free equilibrium (got None)")
         if kind == "sequence" and self.T2 is not None:
             raise ValueError(f"{owner}: bptt on a Hamiltonian unit runs through every time step and takes no T2 "
                              f"(got T2={self.T2!r}); set it to None (null in a config)")
 
     def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
                record: RelaxRecord | None = None) -> Tensor:
-        self.check_applicable("block", block.block_name)
         if not torch.is_grad_enabled():
             return s[-1]
         s = [x.detach() for x in s]
         cache: dict = {}  # reuse each pooled convolution between the two half-sweeps
-        for _ in range(self.T2):
+        for _ in range(block.T1 if self.T2 is None else self.T2):
             s = block.step(s, u, None, cache)
         return s[-1]
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from torch import nn
 
-from .blocks import EnergyBlock
 from .estimators import BPTT, EP, ID, RHEL, Estimator
 from .rules import CL, TBP, CpL
 
@@ -102,9 +101,10 @@ def make_estimator(name: str | Estimator, /, **settings: Any) -> Estimator:
 
 
 def estimator_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of `model` that carry an estimator (energy-based blocks and Hamiltonian
-    units), in order; the model itself when it is one."""
-    return [m for m in model.modules() if isinstance(m, EnergyBlock) or hasattr(m, "estimator_kind")]
+    """The modules of `model` that carry an estimator, in order (the model itself when it is
+    one): those whose class names its `estimator_kind` ('block' for energy-based blocks,
+    'sequence' for Hamiltonian units)."""
+    return [m for m in model.modules() if isinstance(getattr(type(m), "estimator_kind", None), str)]
 
 
 def set_estimator(model: nn.Module, estimator: str | Estimator, /, blocks: Iterable[int] | None = None,
@@ -116,6 +116,8 @@ def set_estimator(model: nn.Module, estimator: str | Estimator, /, blocks: Itera
     targets = estimator_modules(model)
     if not targets:
         raise ValueError(f"set_estimator: {type(model).__name__} holds no energy-based block or Hamiltonian unit")
+    if blocks is not None and not isinstance(blocks, Iterable):
+        raise ValueError(f"set_estimator: blocks must be a list of indices, got {blocks!r}")
     chosen = range(len(targets)) if blocks is None else list(blocks)
     for i in chosen:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(targets):
@@ -123,8 +125,7 @@ def set_estimator(model: nn.Module, estimator: str | Estimator, /, blocks: Itera
                              f"estimator-carrying modules)")
     for i in chosen:
         m = targets[i]
-        kind = "block" if isinstance(m, EnergyBlock) else m.estimator_kind
-        est.check_applicable(kind, getattr(m, "block_name", type(m).__name__))
+        est.check_applicable(m.estimator_kind, getattr(m, "block_name", type(m).__name__))
     for i in chosen:
         targets[i].estimator = est
     return model

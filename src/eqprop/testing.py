@@ -11,6 +11,7 @@ differences in float32 carry errors of ~1e-3.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,9 +126,10 @@ def check_estimator(module: nn.Module, estimator: str | Estimator, u: Tensor, *,
                order, then dl/du) with the quantity a rule documents when it is not the loss
                gradient (e.g. contrastive learning)
     dtype:     cast module and input (float64 by default; None keeps them)
-    The module's own estimators are restored afterwards.
+    The check runs on a copy: `module` itself (dtype, estimators, gradients) is untouched.
     """
     g = torch.Generator().manual_seed(seed)
+    module = copy.deepcopy(module)
     if dtype is not None:
         module = module.to(dtype)
     u = u.detach().clone()
@@ -151,29 +153,23 @@ def check_estimator(module: nn.Module, estimator: str | Estimator, u: Tensor, *,
         return loss(module(u) if target is None else module(u, target=target))
 
     carriers = estimator_modules(module)
-    saved = [m.estimator for m in carriers]
-    try:
-        est = make_estimator(estimator)
-        set_estimator(module, est)
-        estimate = gradients(loss_fn, tensors)
-        relax = [dict(m.last_relax) for m in carriers if hasattr(m, "last_relax")]
-        if expected is not None:
-            ref_name = "expected"
-            ref = [r.detach() for r in expected(module, u.detach())]
-            if not input_grad:
-                ref = ref[:len(params)]
-        elif isinstance(reference, str) and reference == "fd":
-            ref_name = "fd"
-            ref = finite_differences(loss_fn, tensors, fd_eps)
-        else:
-            ref_est = make_estimator(reference)
-            ref_name = ref_est.name
-            set_estimator(module, ref_est)
-            ref = gradients(loss_fn, tensors)
-    finally:
-        for m, e in zip(carriers, saved):
-            m.estimator = e
-        u.requires_grad_(False)
+    est = make_estimator(estimator)
+    set_estimator(module, est)
+    estimate = gradients(loss_fn, tensors)
+    relax = [dict(m.last_relax) for m in carriers if hasattr(m, "last_relax")]
+    if expected is not None:
+        ref_name = "expected"
+        ref = [r.detach() for r in expected(module, u.detach())]
+        if not input_grad:
+            ref = ref[:len(params)]
+    elif isinstance(reference, str) and reference == "fd":
+        ref_name = "fd"
+        ref = finite_differences(loss_fn, tensors, fd_eps)
+    else:
+        ref_est = make_estimator(reference)
+        ref_name = ref_est.name
+        set_estimator(module, ref_est)
+        ref = gradients(loss_fn, tensors)
     if len(ref) != len(estimate):
         raise ValueError(f"check_estimator: the reference gives {len(ref)} tensors, expected {len(estimate)}")
     return EstimatorCheck(est, ref_name, cosine(estimate, ref), rel_error(estimate, ref),

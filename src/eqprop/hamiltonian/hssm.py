@@ -72,10 +72,10 @@ class HSSM(nn.Module):
     def hrus(self) -> list[HRU]:
         return [b.hru for b in self.blocks]
 
-    def set_estimator(self, estimator: str | Estimator, blocks: Iterable[int] | None = None,
+    def set_estimator(self, estimator: str | Estimator, /, blocks: Iterable[int] | None = None,
                       **settings: Any) -> HSSM:
-        """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt' (T2=None: BPTT here runs
-        through every time step) for every HRU or the given indices; parameters untouched."""
+        """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt' (through every time step)
+        for every HRU or the given indices; parameters untouched."""
         set_estimator(self, estimator, blocks, **settings)
         return self
 

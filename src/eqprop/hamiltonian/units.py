@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import DivergenceError
-from ..estimators import RHEL, Estimator
+from ..estimators import BPTT, RHEL, Estimator
 from ..registry import set_estimator
 from .rhel import rhel_readout
 
@@ -57,7 +57,7 @@ class HRU(nn.Module):
     """Base Hamiltonian recurrent unit: (batch, time, H) -> (batch, time, H).
 
     estimator: `RHEL` (backward by the echo, nothing of the trajectory stored; the
-               default) or `BPTT` with T2=None (autograd through the steps), an instance or
+               default) or `BPTT` (autograd through the steps), an instance or
                a registered name with `estimator_settings`; switch with `set_estimator`.
     scan:      'loop' (step by step) or 'parallel' (associative scan; linear unit only).
     dt_min, dt_max: dt = sigmoid(dt_raw) starts log-uniform in [dt_min, dt_max]. Small steps
@@ -116,8 +116,8 @@ class HRU(nn.Module):
         est.check_applicable(self.estimator_kind, type(self).__name__)
         self._estimator = est
 
-    def set_estimator(self, estimator: str | Estimator, blocks=None, **settings) -> HRU:
-        """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt' (with T2=None)."""
+    def set_estimator(self, estimator: str | Estimator, /, blocks=None, **settings) -> HRU:
+        """Same as `eqprop.set_estimator(self, ...)`: 'rhel' or 'bptt'."""
         set_estimator(self, estimator, blocks, **settings)
         return self
 
@@ -194,8 +194,11 @@ class HRU(nn.Module):
                 return self.forward(u.to(self.B.dtype))
         if isinstance(self.estimator, RHEL) and torch.is_grad_enabled():
             out = rhel_readout(self, u, estimator=self.estimator)
-        else:
+        elif isinstance(self.estimator, BPTT) or not torch.is_grad_enabled():
             out = self.trajectory(u, readout=True)[0]
+        else:
+            raise NotImplementedError(f"{type(self).__name__}: a Hamiltonian unit runs rhel or bptt; "
+                                      f"{type(self.estimator).__name__} has no sequence backward here")
         if not bool(torch.isfinite(out[:, -1]).all()):
             raise DivergenceError(f"{type(self).__name__}: non-finite state; leapfrog is stable only for "
                                   f"dt^2 * stiffness < 4 (here max dt = {self.natural()['dt'].max().item():.3g})")
