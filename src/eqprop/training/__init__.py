@@ -1,4 +1,4 @@
-"""Training: named configs with overrides, the trainer, checkpoints and DDP (issue 3).
+"""Training: named configs with overrides, the trainer, checkpoints and DDP.
 
     from eqprop.training import Trainer, load_config
     Trainer(load_config("fmnist_cpu", ["epochs=1"])).fit()
