@@ -15,6 +15,7 @@ from eqprop import EnergyBlock
 from eqprop.cli import main
 from eqprop.studies.algorithms import ALL_RULES, markdown_table, run_config, study_config, study_configs, summarize
 from eqprop.studies.precision import precision_study
+from eqprop.training.config import ConfigError
 from eqprop.training.models import build_model
 from test_training_helpers import write_idx
 
@@ -103,7 +104,7 @@ def test_resume_trains_only_the_missing_runs(data_dir, tmp_path):
     (["--config", "study_nope"], "unknown study config 'study_nope'"),
 ])
 def test_study_errors(data_dir, tmp_path, capsys, args, message):
-    assert study(data_dir, tmp_path / "out", "cep", *args) == 1
+    assert study(data_dir, tmp_path / "out", "cep", *args) == 2  # a user error
     assert message in capsys.readouterr().err
 
 
@@ -112,14 +113,18 @@ def test_run_config_translation(tmp_path):
     run = run_config(cfg, "ccpl", 3, tmp_path, channels=3)
     assert (run["algorithm"], run["seed"], run["epochs"]) == ("ccpl", 3, 1)
     assert run["out_dir"] == str(tmp_path / "runs" / "ccpl-seed3")
-    assert run["model"]["blocks"][0]["channels"] == [3, 16, 32] and cfg["model"]["blocks"][0]["channels"][0] == 1
+    assert run["model"]["blocks"][0]["channels"] == [3, 16, 32] and cfg["model"]["blocks"][0]["channels"][0] is None
     assert set(ALL_RULES) <= set(cfg["estimator"])
+    cfg["model"]["blocks"][0]["channels"][0] = 1
+    assert run_config(cfg, "cep", 0, tmp_path, channels=1)["model"]["blocks"][0]["channels"][0] == 1
+    with pytest.raises(ConfigError, match=r"channels\[0\] is 1 but the dataset's images have 3 channel"):
+        run_config(cfg, "cep", 0, tmp_path, channels=3)
 
 
 @pytest.mark.parametrize("name", ["study_fmnist_cpu", "study_published"])
-def test_shipped_study_configs_build_a_network_holding_its_output_layer(name):
+def test_shipped_study_configs_build_a_network_holding_its_output_layer(name, tmp_path):
     assert name in study_configs()
-    cfg = study_config(name)
+    cfg = run_config(study_config(name), "cep", 0, tmp_path, channels=1)
     with torch.device("meta"):
         model = build_model(cfg, {"num_classes": 10, "kind": "image", "shape": (1, 28, 28)})
     assert isinstance(model[-1], EnergyBlock) and len(model.blocks) == 1

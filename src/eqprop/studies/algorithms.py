@@ -85,13 +85,19 @@ def check_rules(cfg: dict, rules: Sequence[str]) -> list[str]:
 
 
 def run_config(cfg: dict, rule: str, seed: int, out: Path, channels: int) -> dict:
-    """The trainer config of one run: the study's, with this rule, seed, output directory
-    and the images' channel count as the first block's input channels."""
+    """The trainer config of one run: the study's, with this rule, seed and output directory;
+    a first block whose input channels are null takes the images' channel count (a number
+    that disagrees with the data is refused)."""
     run = copy.deepcopy(cfg)
     run.update(algorithm=rule, seed=seed, out_dir=str(out / "runs" / f"{rule}-seed{seed}"), resume=False)
     blocks = run["model"].get("blocks")
     if run["model"]["kind"] == "conv" and blocks and isinstance(blocks[0], dict) and blocks[0].get("channels"):
-        blocks[0]["channels"][0] = channels
+        given = blocks[0]["channels"][0]
+        if given is None:
+            blocks[0]["channels"][0] = channels
+        elif given != channels:
+            raise ConfigError(f"model.blocks[0].channels[0] is {given} but the dataset's images have {channels} "
+                              f"channel(s); set it to null to take it from the data")
     return run
 
 

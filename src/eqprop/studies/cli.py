@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return (precision if args.study == "precision" else algorithms)(args, cfg)
     except (ConfigError, DatasetError, TrainingError) as e:
         print(f"eqprop study: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"eqprop study: interrupted; finished runs are in {Path(args.out) / 'results.json'} "
               f"(continue with --resume)", file=sys.stderr)
