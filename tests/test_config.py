@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from eqprop.training.config import (
     DEFAULTS,
+    NOT_SET,
     ConfigError,
     apply_override,
+    check_resume,
+    config_changes,
     list_configs,
     load_config,
     load_config_file,
@@ -75,6 +78,29 @@ def test_unknown_config_lists_available():
 def test_bad_values_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("fmnist_cpu", [override])
+
+
+def test_resume_changes_listed_or_refused_by_name():
+    saved = load_config("fmnist_cpu")
+    allowed = load_config("fmnist_cpu", ["epochs=6", "optim.lr=1e-3", "optim.schedule=constant", "model.T1=50",
+                                         "model.tol=null", "algorithm=id", "estimator.ep.beta=0.1", "resume=true",
+                                         "eval_every=2"])
+    assert check_resume(saved, allowed, "c.pt") == [
+        ("algorithm", "ep", "id"), ("epochs", 3, 6), ("estimator.ep.beta", 0.25, 0.1), ("eval_every", 1, 2),
+        ("model.T1", 30, 50), ("model.tol", 1e-4, None), ("optim.lr", 3e-3, 1e-3),
+        ("optim.schedule", "cosine", "constant")]
+    for override, key in [("model.slope=0.5", "model.slope"), ("model.kind=dense", "model.kind"),
+                          ("optim.name=sgd", "optim.name"), ("batch_size=32", "batch_size"), ("seed=1", "seed"),
+                          ("dataset=mnist", "dataset"), ("limit_train=10", "limit_train"),
+                          ("dtype=float64", "dtype"), ("std_factor=2", "std_factor")]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} cannot change on resume: the run in c.pt has "):
+            check_resume(saved, load_config("fmnist_cpu", [override]), "c.pt")
+    with pytest.raises(ConfigError, match=r"dataset_options.permute_seed cannot change on resume: the run in c.pt "
+                                          r"has \(not set\), the command asks for 3"):
+        check_resume(saved, load_config("fmnist_cpu", ["dataset_options.permute_seed=3"]), "c.pt")
+    # a checkpoint written before a key was added to DEFAULTS compares as if it had the default
+    old = {k: v for k, v in saved.items() if k != "eval_every"}
+    assert check_resume(old, saved) == [] and config_changes({"a": {}}, {"a": {"b": 1}}) == [("a.b", NOT_SET, 1)]
 
 
 def test_bases_and_published_settings():

@@ -277,11 +277,22 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
 
 
+class _NotSet:
+    """The value of a key one of two configs lacks."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+NOT_SET = _NotSet()
+
+
 def _flatten(cfg: dict, where: str = "") -> dict[str, Any]:
+    """{dotted key: value} of the leaves (an empty section has none)."""
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         path = f"{where}.{key}" if where else str(key)
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out.update(_flatten(value, path))
         else:
             out[path] = value
@@ -289,9 +300,11 @@ def _flatten(cfg: dict, where: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every setting that differs (missing: None)."""
+    """(dotted key, old value, new value) for every setting that differs; a key that one
+    side lacks has the value NOT_SET there."""
     a, b = _flatten(old), _flatten(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [(k, a.get(k, NOT_SET), b.get(k, NOT_SET)) for k in sorted(set(a) | set(b))
+            if a.get(k, NOT_SET) != b.get(k, NOT_SET)]
 
 
 def _fixed_key(dotted: str) -> str | None:
