@@ -67,9 +67,15 @@ class TrainingError(RuntimeError):
 
 
 def _cause(e: BaseException) -> str:
-    """An exception as one line: its message (type name when empty), whitespace collapsed."""
-    text = " ".join(str(e).split())
+    """An exception as one line: its message (type name when empty), whitespace collapsed,
+    without a final full stop (the caller's sentence goes on)."""
+    text = " ".join(str(e).split()).rstrip(".")
     return text or type(e).__name__
+
+
+def _unwritable(out: Path, e: OSError) -> ConfigError:
+    where = f" ({e.filename})" if e.filename else ""
+    return ConfigError(f"out_dir {out} cannot be written: {e.strerror or _cause(e)}{where}")
 
 
 def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
@@ -89,8 +95,7 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
         probe = ckpt_io.write_text_atomic(out / ".write-test", "")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"out_dir {out} cannot be written: {e.strerror or _cause(e)}"
-                          f"{f' ({e.filename})' if e.filename else ''}") from None
+        raise _unwritable(out, e) from None
     return out
 
 
@@ -536,9 +541,12 @@ class Trainer:
         try:
             out.mkdir(parents=True, exist_ok=True)
             stale = ckpt_io.remove_stale_temporaries(out, RUN_FILES)
-            if stale:
-                self.echo(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
-                          f"{', '.join(p.name for p in stale)}")
+        except OSError as e:
+            raise _unwritable(out, e) from None
+        if stale:
+            self.echo(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
+                      f"{', '.join(p.name for p in stale)}")
+        try:
             if not self.resumed:
                 for name in (CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name, "metrics.jsonl", *OUTPUT_FILES):
                     (out / name).unlink(missing_ok=True)
@@ -547,8 +555,7 @@ class Trainer:
             ckpt_io.write_text_atomic(out / "config.yaml", to_yaml(self.cfg))
             return MetricsLogger(out, self.cfg["tensorboard"], fresh=not self.resumed, keep_through=self.epoch)
         except OSError as e:
-            raise ConfigError(f"out_dir {out} cannot be written: {e.strerror or _cause(e)}"
-                              f"{f' ({e.filename})' if e.filename else ''}") from None
+            raise _unwritable(out, e) from None
         except ValueError as e:  # a damaged metrics.jsonl
             raise TrainingError(f"cannot resume the metrics log: {_cause(e)}") from None
 
