@@ -15,6 +15,7 @@ failing step) are raised as ConfigError, CheckpointError, TrainingError or Datas
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict | None, Path | None]:
     if not path.exists() and not checkpoint.previous_path(path).exists() and (out / "config.yaml").exists():
         raise ConfigError(f"cannot resume: {out} holds a run that stopped before its first checkpoint was "
                           f"written ({path} does not exist); start it again with --overwrite")
-    state, used = checkpoint.load_latest(path)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+    state, used = checkpoint.load_latest(path, echo=print if main_rank else (lambda _m: None))
     saved = state["config"]
     if saved.get("name") != cfg["name"]:
         raise ConfigError(f"checkpoint {used} belongs to config {saved.get('name')!r}, not {cfg['name']!r}")

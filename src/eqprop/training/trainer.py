@@ -31,6 +31,7 @@ import math
 import os
 import random
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ CHECKPOINT = "checkpoint.pt"
 # the files that make a folder hold a run, and the other files a run writes there
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name)
 OUTPUT_FILES = ("curves.png",)
+PROBE = "write-test"  # check_out_dir's temporary file
 # failures of a step or an evaluation that are reported with where they happened
 STEP_ERRORS = (ValueError, RuntimeError, IndexError, TypeError, ZeroDivisionError)
 
@@ -92,8 +94,9 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
                           f"replace it with --overwrite (or choose another out_dir)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = ckpt_io.write_text_atomic(out / ".write-test", "")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=f".{PROBE}.", suffix=ckpt_io.TEMP_SUFFIX, dir=out)  # one per process
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise _unwritable(out, e) from None
     return out
@@ -540,7 +543,7 @@ class Trainer:
         out = self.out_dir
         try:
             out.mkdir(parents=True, exist_ok=True)
-            stale = ckpt_io.remove_stale_temporaries(out, RUN_FILES)
+            stale = ckpt_io.remove_stale_temporaries(out, (*RUN_FILES, PROBE))
         except OSError as e:
             raise _unwritable(out, e) from None
         if stale:
