@@ -2,7 +2,9 @@
 them by name, a finished run says it is complete, a folder holding a run is never reused by
 accident, a trained epoch survives a failing evaluation, and every user error is one line
 with exit status 2 (a traceback only with --debug)."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,9 +108,15 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(data, tmp_path, capsys
     capsys.readouterr()
     assert train(data, out, "epochs=1") == 2  # a forgotten --resume: nothing of the old run is touched
     err = capsys.readouterr().err
-    assert f"out_dir {out} already holds a run (config.yaml, metrics.jsonl, checkpoint.pt, checkpoint.prev.pt); " \
+    assert f"out_dir {out} already holds a run (config.yaml, metrics.jsonl, checkpoint.pt, checkpoint.prev.pt, " \
+           f"data_files.json); " \
            f"continue it with --resume, or replace it with --overwrite" in err
     assert len(read_metrics(out / "metrics.jsonl")) == 2 and (out / "checkpoint.prev.pt").exists()
+    record = json.loads((out / "data_files.json").read_text())  # the files the run read
+    files = [f for d in record["datasets"] for f in d["files"]]
+    assert {d["split"] for d in record["datasets"]} == {"train", "test"} and len(files) == 4
+    assert all(Path(f["path"]).is_file() and Path(f["path"]).stat().st_size == f["size"] for f in files)
+    assert all(Path(f["path"]).is_relative_to(data) for f in files)  # --data-dir is the only place read
     assert train(data, out, "--resume", "--overwrite") == 2
     assert "--resume and --overwrite exclude each other" in capsys.readouterr().err
     assert train(data, out, "epochs=1", "seed=5", "--overwrite") == 0  # replaces it

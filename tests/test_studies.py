@@ -153,3 +153,16 @@ def test_precision_study(data_dir, tmp_path):
                                                             ("bfloat16", "block")]
     assert float(rows[1][2]) > 0.99  # 16-bit relaxation, float32-accurate second phases
     assert -1.0 <= float(rows[2][2]) <= 1.0 and len(logs) == 2
+
+
+def test_eval_of_a_study_checkpoint_uses_the_squared_error_it_was_trained_with(data_dir, tmp_path):
+    from eqprop.training.cli_eval import evaluate_checkpoint
+    from eqprop.training.metrics import read_metrics
+
+    out = tmp_path / "study"
+    assert study(data_dir, out, "cep", "epochs=1") == 0
+    run = out / "runs" / "cep-seed0"
+    logged = read_metrics(run / "metrics.jsonl")[-1]
+    evaluated = evaluate_checkpoint(str(run / "checkpoint.pt"), data_dir=str(data_dir))
+    assert abs(evaluated["loss"] - logged["test_loss"]) < 1e-5  # not a cross-entropy of the outputs
+    assert abs(evaluated["top1"] - logged["test_top1"]) < 1e-9

@@ -13,7 +13,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .config import DEFAULTS, apply_overrides, merge
 
@@ -24,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint.pt written by eqprop train")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for evaluation (e.g. model.T1=100 eval_batch_size=256 device=cpu)")
-    parser.add_argument("--data-dir", help="data directory (default: the checkpoint's; see docs/data.md)")
+    parser.add_argument("--data-dir", help="data directory, the only place searched when given (default: the "
+                                           "checkpoint's; docs/data.md)")
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] = (), data_dir: str | No
     from .distributed import resolve_device
     from .metrics import EpochTotals
     from .models import DTYPES, build_model, model_inputs
-    from .trainer import STEP_ERRORS, TrainingError
+    from .trainer import OBJECTIVES, STEP_ERRORS, TrainingError
 
     state = checkpoint.load(path)
     extra = list(overrides) + ([f"data_dir={data_dir}"] if data_dir else [])
@@ -55,10 +55,16 @@ def evaluate_checkpoint(path: str, overrides: list[str] = (), data_dir: str | No
                           std_factor=std, dtype=dtype, limit=cfg["limit_test"], memory_format=fmt)
     totals = EpochTotals(device)
     t0 = time.perf_counter()
+    objective = OBJECTIVES.get(state.get("objective", "CrossEntropy"))
+    if objective is None:
+        raise checkpoint.CheckpointError(f"checkpoint {path}: unknown objective {state.get('objective')!r}; known: "
+                              f"{', '.join(OBJECTIVES)}")
+    objective = objective()
     for i, (x, y) in enumerate(loader):
         try:
-            logits = model(x)
-            totals.add(F.cross_entropy(logits.float(), y), logits, y)
+            output = model(x, target=y) if objective.target_in_forward else model(x)
+            output = output.float()
+            totals.add(objective.loss(output, y), objective.scores(output), y)
         except STEP_ERRORS as e:
             raise TrainingError(f"evaluating {path} failed at test batch {i + 1}: {' '.join(str(e).split())}") from e
     out = totals.values()

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. algorithm=id optim.lr=1e-4 epochs=3 (+key=value adds a key); "
                              "they may come before or after the flags")
-    parser.add_argument("--data-dir", help="data directory (see docs/data.md)")
+    parser.add_argument("--data-dir", help="data directory, the only place searched when given (see docs/data.md)")
     parser.add_argument("--out-dir", help="where checkpoint, metrics and curves go (default: runs/<config>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in <out-dir> (overrides given now apply from the resumed step)")

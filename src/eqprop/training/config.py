@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ..blocks import RELAX_SETTINGS
+
 __all__ = ["CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "FIXED_ON_RESUME", "RELAX_KEYS", "ConfigError",
            "apply_override", "apply_overrides", "check_resume", "config_changes", "config_dir", "list_configs",
            "load_config", "load_config_file", "merge", "parse_value", "to_yaml", "validate"]
@@ -71,7 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 1,             # evaluate on the test set every N epochs (and after the last)
 }
 
-RELAX_KEYS = ("T1", "tol", "update", "first", "check_every")  # model keys that are relaxation settings
+# model keys that are relaxation settings of the blocks (relax_dtype is a top-level key)
+RELAX_KEYS = tuple(k for k in RELAX_SETTINGS if k != "relax_dtype")
 
 # settings a resumed run cannot change, and why
 FIXED_ON_RESUME = {

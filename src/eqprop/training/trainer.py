@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import DivergenceError
+from ..data import write_data_record
 from ..optional import require
 from . import checkpoint as ckpt_io
 from . import distributed
@@ -50,13 +51,14 @@ from .config import ConfigError, check_resume, to_yaml
 from .metrics import EpochTotals, MetricsLogger, plot_curves, read_metrics
 from .models import DTYPES, build_model, model_inputs, relax_summary
 
-__all__ = ["AUTOCAST", "RUN_FILES", "CrossEntropy", "Objective", "Schedule", "SquaredError", "Trainer",
+__all__ = ["AUTOCAST", "OBJECTIVES", "RUN_FILES", "CrossEntropy", "Objective", "Schedule", "SquaredError", "Trainer",
            "TrainingError", "check_out_dir", "make_optimizer", "make_scheduler", "progress_bar", "seed_everything"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
 # the files that make a folder hold a run, and the other files a run writes there
-RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name)
+DATA_RECORD = "data_files.json"  # the data files the run read (path, size, checksum of the head)
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name, DATA_RECORD)
 OUTPUT_FILES = ("curves.png",)
 PROBE = "write-test"  # check_out_dir's temporary file
 # failures of a step or an evaluation that are reported with where they happened
@@ -148,6 +150,9 @@ class SquaredError(Objective):
     def loss(self, output: Tensor, y: Tensor) -> Tensor:
         onehot = F.one_hot(y, output.shape[1]).to(output.dtype)
         return 0.5 * ((output - onehot) ** 2).sum(1).mean()
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"CrossEntropy": CrossEntropy, "SquaredError": SquaredError}
 
 
 class _NoBar:
@@ -283,6 +288,9 @@ class Trainer:
         if len(self.train_loader) == 0:
             raise ConfigError(f"batch_size {cfg['batch_size']} is larger than the {self.train_loader.num_examples} "
                               f"training examples (the last partial batch is dropped)")
+        if self.dist.enabled:  # dropout masks and other draws differ per rank; rank 0 keeps the seed
+            seed_everything(distributed.rank_seed(cfg["seed"], self.dist))
+        self.train_set, self.test_set = train_set, test_set
         self.net: nn.Module = distributed.wrap(self.model, self.dist)
         if cfg["compile"]:
             self.net = torch.compile(self.net)
@@ -311,6 +319,7 @@ class Trainer:
             "position": {"epoch": self.epoch, "step": self.step},
             "partial": None if self.partial is None else self.partial.cpu(),
             "pending": self.pending,
+            "objective": type(self.objective).__name__,  # what `eqprop eval` computes the loss with
         }
 
     def save(self) -> Path | None:
@@ -416,9 +425,19 @@ class Trainer:
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
         kept = self._kept()
         try:
-            loss, logits = self._forward_loss(x, y, self.net)
-            if distributed.any_flag(not math.isfinite(loss.item()), self.dist):
-                raise TrainingError(f"loss is NaN/inf at {where}; stopping. {kept}; lower optim.lr or check the data")
+            try:
+                loss, logits = self._forward_loss(x, y, self.net)
+                local = None if math.isfinite(loss.item()) else TrainingError(
+                    f"loss is NaN/inf at {where}; stopping. {kept}; lower optim.lr or check the data")
+            except (DivergenceError, TrainingError, *STEP_ERRORS) as e:
+                local = e
+            # every rank learns of a failure on any rank before the backward's collectives
+            failed = distributed.gather_errors(local, self.dist)
+            if local is not None:
+                raise local
+            if failed:
+                rank, message = failed[0]
+                raise TrainingError(f"rank {rank} failed at {where}: {message}. {kept}")
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -556,6 +575,7 @@ class Trainer:
                 for events in (out / "tb").glob("events.out.tfevents.*"):
                     events.unlink(missing_ok=True)
             ckpt_io.write_text_atomic(out / "config.yaml", to_yaml(self.cfg))
+            write_data_record(out / DATA_RECORD, self.train_set, self.test_set)
             return MetricsLogger(out, self.cfg["tensorboard"], fresh=not self.resumed, keep_through=self.epoch)
         except OSError as e:
             raise _unwritable(out, e) from None
