@@ -238,3 +238,18 @@ def test_a_built_model_names_a_wrong_input_size():
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     with pytest.raises(ValueError, match=r"built for inputs of shape \(1, 8, 8\).*got \(1, 6, 6\)"):
         model(torch.randn(2, 1, 6, 6))
+
+
+@pytest.mark.parametrize("estimator", [EP(beta=0.1, T2=5), ID(max_iter=20), CL(T2=5)])
+def test_an_overflowed_error_current_gives_non_finite_gradients_not_an_error(estimator):
+    """A float16 gradient scaler's overflow step sends inf into the block's backward: the
+    estimators return non-finite gradients (so the scaler skips the step) instead of relaxing."""
+    block = DenseHopfield([3, 4, 2], T1=5, name="blk")
+    block.estimator = estimator
+    u = torch.randn(2, 3, requires_grad=True)
+    out = block(u, target=torch.tensor([0, 1]))
+    out.backward(torch.full_like(out, float("inf")))
+    assert all(p.grad is not None and torch.isnan(p.grad).all() for p in block.parameters())
+    assert torch.isnan(u.grad).all()
+    scaler_skips = not all(torch.isfinite(p.grad).all() for p in block.parameters())
+    assert scaler_skips

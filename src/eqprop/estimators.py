@@ -152,6 +152,13 @@ class _EquilibriumFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         u, *s = ctx.saved_tensors
+        if not bool(torch.isfinite(grad_out).all()):
+            # an overflowed error current (a gradient scaler's step in float16): no relaxation can
+            # use it; non-finite gradients make the scaler skip the step and lower its scale
+            nan = float("nan")
+            params = block_parameters(ctx.block)
+            return (torch.full_like(u, nan) if ctx.needs_input_grad[0] else None, None, None, None, None, None,
+                    *[torch.full_like(p, nan) for p in params])
         grad_u, grads = ctx.est.gradients(ctx.block, u, s, grad_out, ctx.target, ctx.record, ctx.needs_input_grad[0])
         return (grad_u, None, None, None, None, None, *grads)
 

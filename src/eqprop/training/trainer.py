@@ -462,7 +462,9 @@ class Trainer:
         loader = self.train_loader
         loader.set_epoch(self.epoch)
         totals = EpochTotals(self.device)
-        if self.partial is not None:
+        if self.partial is not None and self.dist.is_main:
+            # the saved sums are over all ranks (reduced when the epoch stopped): rank 0
+            # carries them, the others start from zero, so the epoch's reduction counts them once
             totals.sums.copy_(self.partial.to(totals.sums))
         batches = iter(loader)
         for _ in range(self.step):  # batches done before an interruption
@@ -477,7 +479,7 @@ class Trainer:
         try:
             while True:
                 if distributed.any_flag(self._stop, self.dist):
-                    self.partial = totals.sums.clone()
+                    self.partial = distributed.all_reduce_sum(totals.sums.clone(), self.dist)
                     return None
                 t = time.perf_counter()
                 batch = next(batches, None)
