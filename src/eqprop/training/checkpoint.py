@@ -84,11 +84,14 @@ def _write_temp(path: Path, write) -> str:
     return tmp
 
 
-def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace."""
+def _replace_atomic(path: str | os.PathLike, write, before_replace=None) -> Path:
+    """`write(file)` into a temporary file beside `path`, fsync, then os.replace onto `path`
+    (after `before_replace()`, when given); the temporary file never outlives a failure."""
     path = Path(path)
-    tmp = _write_temp(path, lambda f: torch.save(obj, f))
+    tmp = _write_temp(path, write)
     try:
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -96,20 +99,16 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same directory, fsync, then os.replace."""
+    return _replace_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Replace a text file in one step (temporary file, fsync, os.replace)."""
-    path = Path(path)
-    tmp = _write_temp(path, lambda f: f.write(text.encode()))
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _replace_atomic(path, lambda f: f.write(text.encode()))
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -127,19 +126,14 @@ def save_rotating(obj: dict, path: str | os.PathLike, rotate: bool = True) -> Pa
     `rotate=False` (the current one is known to be damaged), is replaced without becoming
     the previous one, so that the previous one stays a good checkpoint."""
     path = Path(path)
-    tmp = _write_temp(path, lambda f: torch.save(obj, f))
-    try:
+
+    def rotate_current() -> None:
         kill_point("save")
         if rotate and path.exists() and zipfile.is_zipfile(path):
             os.replace(path, previous_path(path))
             kill_point("rotate")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return _replace_atomic(path, lambda f: torch.save(obj, f), rotate_current)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
