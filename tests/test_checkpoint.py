@@ -43,7 +43,7 @@ def test_resume_after_one_epoch_is_bit_identical(tmp_path):
 
     def stop_at_epoch_end(t):
         if t.epoch == 0 and t.step == len(t.train_loader):
-            t._stop = True
+            t.request_stop()
     cfg = tiny_config(tmp_path / "b")
     first, s1 = run(cfg, on_step=stop_at_epoch_end)
     assert s1["status"] == "interrupted" and (s1["epoch"], s1["step"]) == (0, len(first.train_loader))

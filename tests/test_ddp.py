@@ -61,3 +61,43 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
     for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
         for r in ranks:
             assert abs(r["last"][key] - one["last"][key]) < 1e-9, key
+
+
+def _stop_resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Stop after the first step of epoch 1 (a partly done epoch), then resume."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train, test = _data()
+    cfg = tiny_config(os.path.join(out, "run"), *OVERRIDES)
+
+    def stop_mid_epoch(t):
+        if t.epoch == 0 and t.step == 1:
+            t.request_stop()
+    first = Trainer(cfg, train, test, echo=lambda _m: None, on_step=stop_mid_epoch)
+    try:
+        assert first.fit()["status"] == "interrupted"
+    finally:
+        first.close()
+    second = Trainer(cfg, train, test, echo=lambda _m: None)
+    try:
+        second.resume()
+        summary = second.fit()
+        torch.save({"state": second.model.state_dict(), "last": summary["last"]},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        second.close()
+
+
+def test_two_ranks_stopped_mid_epoch_resume_to_the_one_process_run(tmp_path, monkeypatch):
+    """The stopped epoch's metric sums are reduced over the ranks before the save and counted
+    once at resume: the resumed 2-rank run reports what one uninterrupted process does."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    train, test = _data()
+    one = Trainer(tiny_config(tmp_path / "one", *OVERRIDES), train, test, echo=lambda _m: None).fit()
+    mp.spawn(_stop_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
+            assert abs(got["last"][key] - one["last"][key]) < 1e-9, (r, key)

@@ -536,6 +536,11 @@ class Trainer:
         return out
 
     # ---- the whole run -------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current step, write a checkpoint and return from `fit` (what Ctrl-C does;
+        e.g. from an `on_step` callback). Under DDP every rank stops at the same step."""
+        self._stop = True
+
     def _on_sigint(self, signum, frame) -> None:
         if self._stop:
             raise KeyboardInterrupt
