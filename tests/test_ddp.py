@@ -1,12 +1,11 @@
 """DistributedDataParallel on CPU (gloo): 2 processes equal 1 process on the combined batch."""
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
 from eqprop.training.trainer import Trainer
-from test_training_helpers import synthetic_images, tiny_config
+from test_training_helpers import free_port, join_as_rank, synthetic_images, tiny_config
 
 # a dense model (no batch-norm, whose statistics would be per rank), EP with fixed
 # iterations, float64 so that only the order of the gradient sums differs
@@ -18,12 +17,8 @@ def _data():
     return synthetic_images(64, seed=3), synthetic_images(16, seed=4, split="test")
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    train, test = _data()
-    trainer = Trainer(tiny_config(out, *OVERRIDES), train, test, echo=lambda _m: None)
+def _fit_and_save(trainer: Trainer, rank: int, out: str) -> None:
+    """Train to the end and write this rank's weights and last metrics to out/rank<r>.pt."""
     try:
         summary = trainer.fit()
         torch.save({"state": trainer.model.state_dict(), "last": summary["last"]},
@@ -32,10 +27,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         trainer.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    join_as_rank(rank, world, port)
+    torch.set_num_threads(1)
+    train, test = _data()
+    _fit_and_save(Trainer(tiny_config(out, *OVERRIDES), train, test, echo=lambda _m: None), rank, out)
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
@@ -48,7 +44,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
 
     out = tmp_path / "two"
     out.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, p in single.model.state_dict().items():
         for r in ranks:
@@ -65,8 +61,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
 
 def _stop_resume_worker(rank: int, world: int, port: int, out: str) -> None:
     """Stop after the first step of epoch 1 (a partly done epoch), then resume."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     train, test = _data()
     cfg = tiny_config(os.path.join(out, "run"), *OVERRIDES)
@@ -80,13 +75,8 @@ def _stop_resume_worker(rank: int, world: int, port: int, out: str) -> None:
     finally:
         first.close()
     second = Trainer(cfg, train, test, echo=lambda _m: None)
-    try:
-        second.resume()
-        summary = second.fit()
-        torch.save({"state": second.model.state_dict(), "last": summary["last"]},
-                   os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        second.close()
+    second.resume()
+    _fit_and_save(second, rank, out)
 
 
 def test_two_ranks_stopped_mid_epoch_resume_to_the_one_process_run(tmp_path, monkeypatch):
@@ -96,7 +86,7 @@ def test_two_ranks_stopped_mid_epoch_resume_to_the_one_process_run(tmp_path, mon
         monkeypatch.delenv(key, raising=False)
     train, test = _data()
     one = Trainer(tiny_config(tmp_path / "one", *OVERRIDES), train, test, echo=lambda _m: None).fit()
-    mp.spawn(_stop_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_stop_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for key in ("train_loss", "train_top1", "test_loss", "test_top1"):

@@ -1,6 +1,5 @@
 """Device choice per rank and failure propagation across ranks (gloo on CPU; CUDA mocked)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.multiprocessing as mp
 
 from eqprop.training import distributed
 from eqprop.training.distributed import DistInfo, gather_errors, rank_seed, resolve_device
+from test_training_helpers import free_port, join_as_rank
 
 
 @pytest.fixture
@@ -56,8 +56,7 @@ def test_gather_errors_in_one_process():
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    join_as_rank(rank, world, port)
     info = distributed.setup("cpu")
     try:
         err = RuntimeError(f"diverged at step 3 on rank {rank}") if rank == 1 else None
@@ -68,15 +67,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         distributed.teardown(info)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_failure_on_one_rank_reaches_every_rank(tmp_path, monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = repr([(1, "RuntimeError: diverged at step 3 on rank 1")])
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [expected, expected]

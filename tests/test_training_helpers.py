@@ -50,3 +50,20 @@ def write_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 16) -> Path
         write_idx(root / "fashion_mnist" / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(root / "fashion_mnist" / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     return root
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """Set the environment torchrun would give process `rank` of `world` (run inside a worker)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))

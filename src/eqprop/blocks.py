@@ -407,8 +407,7 @@ class EnergyBlock(nn.Module):
             dtype = next((p.dtype for p in self.parameters()), u.dtype)
             with torch.autocast(u.device.type, enabled=False):
                 return self.forward(u.to(dtype), target)
-        self.validate()
-        self.check_input(u)
+        self.check_input(u)  # the settings are validated by the relaxation
         target = check_target(target) if target is not None else current_target(self)
         s, stats = self.relax(u.detach())
         if target is not None:
