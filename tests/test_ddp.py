@@ -2,15 +2,14 @@
 import os
 
 import torch
-import torch.multiprocessing as mp
 
 from eqprop.training.trainer import Trainer
-from test_training_helpers import free_port, join_as_rank, synthetic_images, tiny_config
+from test_training_helpers import free_port, free_ports, join_as_rank, spawn_ranks, synthetic_images, tiny_config
 
 # a dense model (no batch-norm, whose statistics would be per rank), EP with fixed
 # iterations, float64 so that only the order of the gradient sums differs
 OVERRIDES = ("model={kind: dense, blocks: [[12, 6]], T1: 6}", "estimator.ep.T2=4", "dtype=float64",
-             "epochs=1", "batch_size=16", "optim.lr=0.005")
+             "epochs=1", "batch_size=16", "optim.lr=0.005", "dist_timeout_s=120")
 
 
 def _data():
@@ -44,7 +43,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
 
     out = tmp_path / "two"
     out.mkdir()
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, free_port(), str(out))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, p in single.model.state_dict().items():
         for r in ranks:
@@ -59,8 +58,10 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
             assert abs(r["last"][key] - one["last"][key]) < 1e-9, key
 
 
-def _stop_resume_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Stop after the first step of epoch 1 (a partly done epoch), then resume."""
+def _stop_resume_worker(rank: int, world: int, port: int, port2: int, out: str) -> None:
+    """Stop after the first step of epoch 1 (a partly done epoch), then resume in a new
+    process group (as a second torchrun launch would; a group re-created on the port of the
+    one just destroyed can meet the old group's store)."""
     join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     train, test = _data()
@@ -74,6 +75,7 @@ def _stop_resume_worker(rank: int, world: int, port: int, out: str) -> None:
         assert first.fit()["status"] == "interrupted"
     finally:
         first.close()
+    join_as_rank(rank, world, port2)
     second = Trainer(cfg, train, test, echo=lambda _m: None)
     second.resume()
     _fit_and_save(second, rank, out)
@@ -86,7 +88,7 @@ def test_two_ranks_stopped_mid_epoch_resume_to_the_one_process_run(tmp_path, mon
         monkeypatch.delenv(key, raising=False)
     train, test = _data()
     one = Trainer(tiny_config(tmp_path / "one", *OVERRIDES), train, test, echo=lambda _m: None).fit()
-    mp.spawn(_stop_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_stop_resume_worker, 2, *free_ports(2), str(tmp_path))
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for key in ("train_loss", "train_top1", "test_loss", "test_top1"):

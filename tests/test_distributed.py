@@ -3,11 +3,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from eqprop.training import distributed
 from eqprop.training.distributed import DistInfo, gather_errors, rank_seed, resolve_device
-from test_training_helpers import free_port, join_as_rank
+from test_training_helpers import free_port, join_as_rank, spawn_ranks
 
 
 @pytest.fixture
@@ -71,6 +70,33 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_a_failure_on_one_rank_reaches_every_rank(tmp_path, monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, free_port(), str(tmp_path))
     expected = repr([(1, "RuntimeError: diverged at step 3 on rank 1")])
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [expected, expected]
+
+
+def _silent_peer_worker(rank: int, world: int, port: int, out: str) -> None:
+    join_as_rank(rank, world, port)
+    info = distributed.setup("cpu", timeout_s=3)
+    if rank == 0:
+        import time
+        t0 = time.monotonic()
+        try:
+            distributed.all_reduce_sum(torch.ones(1), info)
+            message = "returned"
+        except RuntimeError as e:
+            message = f"failed after {time.monotonic() - t0:.1f} s: {e}"
+        with open(os.path.join(out, "rank0.txt"), "w") as f:
+            f.write(message)
+    else:  # never joins the collective: gone quiet, as a hung or dead rank is
+        import time
+        time.sleep(8)
+
+
+def test_a_rank_that_never_answers_fails_the_others_after_the_timeout(tmp_path, monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    spawn_ranks(_silent_peer_worker, 2, free_port(), str(tmp_path), timeout_s=120)
+    message = (tmp_path / "rank0.txt").read_text()
+    assert message.startswith("failed after"), message
+    assert float(message.split()[2]) < 8  # the timeout, not the peer's return, ended the wait

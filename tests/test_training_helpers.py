@@ -54,11 +54,41 @@ def write_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 16) -> Path
 
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a test's process group."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on the loopback interface (all bound at once, then released)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def spawn_ranks(fn, world: int, *args, timeout_s: float = 300.0) -> None:
+    """Run fn(rank, world, *args) in `world` spawned processes and wait for all of them; a
+    rank that fails raises here, and processes still running after `timeout_s` are killed and
+    fail the test (a hung collective must not hang the test suite)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            for p in ctx.processes:
+                p.join(10)
+            pytest.fail(f"ranks {alive} of {world} still running after {timeout_s:.0f} s (killed)")
 
 
 def join_as_rank(rank: int, world: int, port: int) -> None:

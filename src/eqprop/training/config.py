@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",            # auto | cpu | cuda | cuda:N
     "threads": None,             # torch.set_num_threads on CPU (null: torch's default)
+    "dist_timeout_s": 1800,      # DDP: seconds a rank waits for the others in a collective, then fails
     "dtype": "float32",          # float32 | float64: parameters and inputs
     "precision": "fp32",         # fp32 | bf16 | fp16: autocast of the feedforward parts
     "relax_dtype": None,         # null | bfloat16 | float16: dtype of the relaxations (block.relax_dtype)
@@ -259,6 +260,9 @@ def validate(cfg: dict) -> None:
         v = cfg[key]
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"config key {key!r} must be a positive integer or null, got {v!r}")
+    v = cfg["dist_timeout_s"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+        raise ConfigError(f"config key 'dist_timeout_s' must be a positive number of seconds, got {v!r}")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
         raise ConfigError(f"config key 'seed' must be an integer, got {cfg['seed']!r}")
     o = cfg["optim"]

@@ -12,6 +12,7 @@ differ); that is harmless: only the gradients are synchronised, after each backw
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -63,17 +64,20 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     return device
 
 
-def setup(device_name: str) -> DistInfo:
-    """Join the process group when launched with WORLD_SIZE > 1; pick this rank's device."""
+def setup(device_name: str, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group when launched with WORLD_SIZE > 1; pick this rank's device.
+    `timeout_s` bounds how long a rank waits for the others in a collective before it fails
+    (a rank that died or hangs then stops the run instead of holding the rest forever)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = resolve_device(device_name, local, world)
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         if device.type == "cuda":
-            dist.init_process_group(backend="nccl", rank=rank, world_size=world, device_id=device)
+            dist.init_process_group(backend="nccl", rank=rank, world_size=world, device_id=device, timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo", rank=rank, world_size=world)
+            dist.init_process_group(backend="gloo", rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, world, local, device)
 
 

@@ -255,7 +255,7 @@ class Trainer:
         self.cfg = cfg
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
-        self.dist = distributed.setup(cfg["device"])
+        self.dist = distributed.setup(cfg["device"], timeout_s=cfg["dist_timeout_s"])
         self.device = self.dist.device
         self.echo = echo if self.dist.is_main else (lambda _msg: None)
         self.on_step = on_step
