@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .activations import Activation, Identity, make_activation
 from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_
+from .devices import Device, DeviceStepper, make_device
 from .validate import check_choice, check_positive_int, check_tol
 
 State = list[Tensor]
@@ -36,7 +37,7 @@ __all__ = ["State", "RelaxStats", "RelaxRecord", "DivergenceError", "relative_ch
            "HopfieldBlock", "DenseHopfield", "ConvHopfield", "targets", "current_target", "output_block", "target_like",
            "RELAX_SETTINGS"]
 
-RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs")
+RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs", "device")
 
 
 class DivergenceError(RuntimeError):
@@ -162,6 +163,9 @@ class EnergyBlock(nn.Module):
                     parameter gradients stay in full precision
       check_inputs: refuse input currents holding NaN/inf (checked with the relaxation's
                     one synchronisation, so it costs no extra one)
+      device:       analog non-idealities (an eqprop.devices.Device, or a mapping of its
+                    settings; None: the ideal circuit). They act in every relaxation,
+                    free and nudged phases alike; None costs nothing
       estimator:    how the backward is computed (an eqprop.estimators object, or None for
                     a block used without gradients)
     After each forward, `last_relax` holds the `RelaxStats` of its phases: 'free', and the
@@ -174,18 +178,73 @@ class EnergyBlock(nn.Module):
     def __init__(self, activations: Sequence[Activation], T1: int = 20, tol: float | None = None,
                  update: str = "async", first: str = "odd", check_every: int | None = None,
                  estimator: object = None, name: str | None = None, relax_dtype: torch.dtype | None = None,
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, device: Device | dict | None = None):
         super().__init__()
         self.activations = list(activations)
         self.relax_dtype = relax_dtype
         self.T1, self.tol, self.update, self.first, self.check_every = T1, tol, update, first, check_every
         self.check_inputs = check_inputs
         self.block_name = name or type(self).__name__
+        self.device = device
         self.validate()
         self.estimator = estimator
         self.last_relax: RelaxRecord = {}
 
     estimator_kind = "block"  # what an estimator's check_applicable is asked about
+
+    # ---- analog device (eqprop.devices) ------------------------------------------------
+    @property
+    def device(self) -> Device | None:
+        return self._device
+
+    @device.setter
+    def device(self, value: Device | dict | None) -> None:
+        dev = make_device(value, getattr(self, "block_name", type(self).__name__))
+        self._device = dev
+        self._device_on = dev is not None and not dev.ideal          # any non-ideality: the hooks run
+        self._device_reads = self._device_on and dev.on_reads        # relaxations read non-ideal weights
+        self._device_gen: torch.Generator | None = None              # seeds of draws, created at first use
+        self._device_step_seed: int | None = None                    # the read-noise draw of this step
+
+    def device_weights(self) -> list[Tensor]:
+        """The weights the device stores as conductances (none for a generic block)."""
+        return []
+
+    def _device_seed(self) -> int:
+        """A fresh seed from the block's generator (seeded by the device's seed and the name)."""
+        if self._device_gen is None:
+            self._device_gen = torch.Generator().manual_seed(self.device.seed_for(self.block_name))
+        return int(torch.randint(2 ** 62, (), generator=self._device_gen))
+
+    def _device_generator(self, seed: int, like: Tensor) -> torch.Generator:
+        return torch.Generator(device=like.device).manual_seed(seed)
+
+    def device_stepper(self, seed: int | None = None) -> DeviceStepper:
+        """A stepper whose couplings use the weights as the device reads them: the step's
+        draw (resample='step') or `seed`'s."""
+        if seed is None:
+            if self._device_step_seed is None:
+                self._device_step_seed = self._device_seed()
+            seed = self._device_step_seed
+        weights = self.device_weights()
+        gen = self._device_generator(seed, weights[0]) if weights else None
+        return DeviceStepper(self.couplings, [self.device.read(w, gen) for w in weights])
+
+    @torch.no_grad()
+    def program_(self, previous: list[Tensor] | None = None) -> None:
+        """Write the device weights: `previous` are the stored values before the optimizer's
+        step (None: program the current values from zero, as at the start)."""
+        if not self._device_on:
+            return
+        weights = self.device_weights()
+        if not weights:
+            return
+        gen = self._device_generator(self._device_seed(), weights[0])
+        olds = [None] * len(weights) if previous is None else previous
+        if len(olds) != len(weights):
+            raise ValueError(f"{self.block_name}: program_ got {len(olds)} previous weights for {len(weights)}")
+        for w, old in zip(weights, olds):
+            w.copy_(self.device.write(old, w, gen))
 
     @property
     def estimator(self) -> object:
@@ -263,6 +322,14 @@ class EnergyBlock(nn.Module):
         else:
             odd, even = range(0, L, 2), range(1, L, 2)  # layers 1, 3, ... are indices 0, 2, ...
             groups = [odd, even] if self.first == "odd" else [even, odd]
+        if preactivations is None and self._device_on:  # steps outside `relax` (BPTT, TBP)
+            if cache is not None and "device" in cache:
+                preactivations, u = cache["device"]
+            else:
+                u = self.device.dac(u)
+                preactivations = self.device_stepper().preactivations if self._device_reads else None
+                if cache is not None:
+                    cache["device"] = (preactivations, u)
         pre_fn = preactivations or self.preactivations
         s = list(s)
         for group in groups:
@@ -297,6 +364,8 @@ class EnergyBlock(nn.Module):
         check_positive_int(self.block_name, "T", T)
         check_tol(self.block_name, tol)
         s = self.init_state(u) if s0 is None else [x.detach() for x in s0]
+        if self._device_on:
+            return self._device_relax(u, s, T, tol, nudge, hold_last, callback, preactivations)
         out_dtype = u.dtype
         if self.relax_dtype is not None and self.relax_dtype != u.dtype and preactivations is None:
             low = self.relax_dtype
@@ -312,6 +381,18 @@ class EnergyBlock(nn.Module):
                                             None, u)
             return [x.to(out_dtype) for x in s], stats
         return self._relax_loop(u, s, T, tol, nudge, hold_last, callback, preactivations, u)
+
+    def _device_relax(self, u: Tensor, s: State, T: int, tol: float | None, nudge, hold_last: bool,
+                      callback: Callable[[int, State], None] | None, preactivations: Callable | None
+                      ) -> tuple[State, RelaxStats]:
+        """A relaxation through the device: the input current through the DACs, the couplings
+        with the weights as read, every layer's final state through the ADCs."""
+        dev = self.device
+        if preactivations is None and self._device_reads:
+            seed = self._device_seed() if dev.resample == "relaxation" else None
+            preactivations = self.device_stepper(seed).preactivations
+        s, stats = self._relax_loop(dev.dac(u), s, T, tol, nudge, hold_last, callback, preactivations, u)
+        return dev.adc(s), stats
 
     def _relax_loop(self, u: Tensor, s: State, T: int, tol: float | None, nudge, hold_last: bool,
                     callback: Callable[[int, State], None] | None, preactivations: Callable | None,
@@ -366,6 +447,14 @@ class EnergyBlock(nn.Module):
                                                  and self.relax_dtype.is_floating_point):
             raise ValueError(f"{self.block_name}: relax_dtype must be a floating-point torch.dtype or None, "
                              f"got {self.relax_dtype!r}")
+        if self._device_on:
+            if self.relax_dtype is not None:
+                raise ValueError(f"{self.block_name}: a device model runs the relaxation in the parameters' dtype; "
+                                 f"set relax_dtype=None (got {self.relax_dtype!r}) or device=None")
+            if (self.device.on_reads or self.device.on_writes) and not self.device_weights():
+                raise ValueError(f"{self.block_name}: device settings on weights (g_max, levels, read_noise, "
+                                 f"program_noise, asymmetry, drift) need a block with couplings (a HopfieldBlock); "
+                                 f"{type(self).__name__} can take only the converters (adc_bits, dac_bits)")
 
     def configure(self, **settings) -> EnergyBlock:
         """Set relaxation settings (see the class docstring); nothing changes if one is invalid."""
@@ -374,9 +463,9 @@ class EnergyBlock(nn.Module):
             raise ValueError(f"{self.block_name}: unknown relaxation setting(s) {sorted(unknown)}; "
                              f"valid: {', '.join(RELAX_SETTINGS)}")
         old = {k: getattr(self, k) for k in settings}
-        for k, v in settings.items():
-            setattr(self, k, v)
         try:
+            for k, v in settings.items():
+                setattr(self, k, v)
             self.validate()
         except ValueError:
             for k, v in old.items():
@@ -409,6 +498,8 @@ class EnergyBlock(nn.Module):
                 return self.forward(u.to(dtype), target)
         self.check_input(u)  # the settings are validated by the relaxation
         target = check_target(target) if target is not None else current_target(self)
+        if self._device_reads:
+            self._device_step_seed = self._device_seed()  # the read noise of this step (resample='step')
         s, stats = self.relax(u.detach())
         if target is not None:
             target_like(self, target, s[-1])  # shape and label range, before any backward
@@ -423,8 +514,9 @@ class EnergyBlock(nn.Module):
         return self.estimator.attach(self, u, s, target=target, record=record)
 
     def extra_repr(self) -> str:
+        dev = "" if self.device is None else f", device={self.device!r}"
         return (f"T1={self.T1}, tol={self.tol}, update={self.update!r}, first={self.first!r}, "
-                f"estimator={self.estimator!r}")
+                f"estimator={self.estimator!r}{dev}")
 
 
 class HopfieldBlock(EnergyBlock):
@@ -438,8 +530,14 @@ class HopfieldBlock(EnergyBlock):
         if len(activations) != len(couplings) + 1:
             raise ValueError(f"HopfieldBlock: {len(couplings)} couplings need {len(couplings) + 1} activations, "
                              f"got {len(activations)}")
+        device = kw.pop("device", None)
         super().__init__(activations, **kw)
         self.couplings = nn.ModuleList(couplings)
+        if device is not None:
+            self.configure(device=device)
+
+    def device_weights(self) -> list[Tensor]:
+        return [c.weight for c in self.couplings]
 
     def state_shapes(self, in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         shapes = [tuple(in_shape)]

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..blocks import DivergenceError
 from ..data import write_data_record
+from ..devices import attach_device_writes
 from ..optional import require
 from . import checkpoint as ckpt_io
 from . import distributed
@@ -291,10 +292,14 @@ class Trainer:
         if self.dist.enabled:  # dropout masks and other draws differ per rank; rank 0 keeps the seed
             seed_everything(distributed.rank_seed(cfg["seed"], self.dist))
         self.train_set, self.test_set = train_set, test_set
+        if cfg["sync_batchnorm"] and self.dist.enabled:
+            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net: nn.Module = distributed.wrap(self.model, self.dist)
         if cfg["compile"]:
             self.net = torch.compile(self.net)
         self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
+        # blocks with a device model: every optimizer step is a device write (eqprop.devices)
+        self.device_hooks = attach_device_writes(self.optimizer, self.model)
         self.scheduler = make_scheduler(self.optimizer, cfg["optim"], cfg["epochs"], len(self.train_loader))
         self.autocast = AUTOCAST.get(cfg["precision"])  # energy-based blocks switch it off themselves
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg["precision"] == "fp16" else None
