@@ -292,8 +292,6 @@ class Trainer:
         if self.dist.enabled:  # dropout masks and other draws differ per rank; rank 0 keeps the seed
             seed_everything(distributed.rank_seed(cfg["seed"], self.dist))
         self.train_set, self.test_set = train_set, test_set
-        if cfg["sync_batchnorm"] and self.dist.enabled:
-            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net: nn.Module = distributed.wrap(self.model, self.dist)
         if cfg["compile"]:
             self.net = torch.compile(self.net)
