@@ -13,6 +13,10 @@ Options of `model.kind: conv` handled here rather than by the builder:
   output_bias: with readout false, fill the output layer's bias with this value (e.g. 0.5
                starts hard-sigmoid output units inside their range); null keeps the init's.
   pad_to:      zero-pad the (normalised) images to this square size first (e.g. 28 -> 32).
+
+Any kind with energy-based blocks also takes `binary: {weights: true, activations: false,
+scale: init, threshold: 0.0}`: binary weights and/or step neurons in every block
+(eqprop.binary.binarize_model).
 """
 from __future__ import annotations
 
@@ -171,6 +175,7 @@ def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
     and relaxation dtype set."""
     settings = dict(cfg["model"])
     kind = settings.pop("kind")
+    binary = settings.pop("binary", None)  # eqprop.binary.binarize_model's settings, applied after building
     builder = _builder(kind)
     _check_keys(kind, builder, settings)
     settings = _inputs(kind, settings, data_info)
@@ -189,6 +194,12 @@ def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
             configure_blocks(model, **{key: value})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.{key}={value!r}: {e}") from e
+    if binary is not None:
+        from ..binary import binarize_model
+        try:
+            binarize_model(model, binary)
+        except ValueError as e:
+            raise ConfigError(f"model.binary={binary!r}: {e}") from e
     configure_estimator(model, cfg)
     configure_relax_dtype(model, cfg)
     return model
