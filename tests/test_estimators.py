@@ -8,6 +8,7 @@ and one that applies to no block kind here fails too.
   tbp with K >= the free phase's iterations:  the gradient of the loss of a T1-step
         relaxation from zero (finite differences, fixed T1, no tolerance)
   cl:   -w (dPhi/dtheta(clamped) - dPhi/dtheta(free)), computed here independently
+  continual (eta -> 0, centered):  the loss gradient (the summed updates telescope to EP's)
   cpl (eta -> 0):  the loss gradient with the error current S (s*_L - y), S the inverse
         response of the output layer (Schur complement of the energy's Hessian)
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 import eqprop
-from eqprop import BPTT, CL, EP, ID, RHEL, TBP, ConvHopfield, CpL, DenseHopfield, EnergyBlock
+from eqprop import BPTT, CL, EP, ID, RHEL, TBP, ContinualEP, ConvHopfield, CpL, DenseHopfield, EnergyBlock
 from eqprop.hamiltonian import LinearHRU, NonlinearHRU
 from eqprop.testing import check_estimator, finite_differences, rel_error
 
@@ -179,6 +180,10 @@ def run_case(name: str, kind: str, module, u, y, cache) -> list:
             assert report.relax[0]["free"]["iters"] == 25
         finally:
             module.configure(T1=saved[0], tol=saved[1])
+    elif isinstance(est, ContinualEP):
+        tight = est.replace(beta=1e-4, eta=1e-9, T2=80, variant="centered")
+        check(tight)
+        check(tight, target=None)
     elif isinstance(est, CL):
         def cl_expected():
             free = stationary(module, u)

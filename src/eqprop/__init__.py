@@ -17,6 +17,7 @@ from .blocks import (
                      targets,
 )
 from .chain import FFEBM, configure_blocks, conv_ffebm, dense_ffebm, relax_stats
+from .continual import ContinualEP
 from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
 from .estimators import BPTT, EP, ID, RHEL, Contrast, ContrastEstimator, Estimator
 from .optional import package_version
@@ -34,4 +35,5 @@ __all__ = [
     "BPTT", "EP", "ID", "RHEL", "Contrast", "ContrastEstimator", "Estimator",
     "estimator_names", "make_estimator", "register_estimator", "set_estimator", "unregister_estimator",
     "CL", "CpL", "TBP", "__version__",
+    "ContinualEP",
 ]

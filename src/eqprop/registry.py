@@ -7,7 +7,7 @@
 
 Built-in names (docs/theory.md): ep, id, bptt, rhel, cl, cpl, tbp, and the aliases
 pep/nep/cep (EP with variant positive/negative/centered), pcpl/ncpl/ccpl (CpL likewise)
-and rbp (recurrent backprop, i.e. ID).
+and rbp (recurrent backprop, i.e. ID); continual (continual EP, eqprop.continual).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .continual import ContinualEP
 from .estimators import BPTT, EP, ID, RHEL, Estimator
 from .rules import CL, TBP, CpL
 
@@ -37,6 +38,7 @@ _REGISTRY: dict[str, Factory] = {
     "pcpl": _alias(CpL, variant="positive"), "ncpl": _alias(CpL, variant="negative"),
     "ccpl": _alias(CpL, variant="centered"),
     "rbp": ID,
+    "continual": ContinualEP,
 }
 
 
