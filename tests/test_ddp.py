@@ -93,3 +93,45 @@ def test_two_ranks_stopped_mid_epoch_resume_to_the_one_process_run(tmp_path, mon
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
             assert abs(got["last"][key] - one["last"][key]) < 1e-9, (r, key)
+
+
+# a conv model with batch norm in its feedforward parts (between and before the blocks); SGD,
+# since Adam turns the rounding noise of the gradient of a conv bias before a batch norm
+# (exactly zero in exact arithmetic) into steps of the size of the learning rate
+BN_OVERRIDES = ('model.blocks=[{channels: [1, 4, 8], pools: "m-"}, {channels: [8, 8], pools: "-"}]', "model.T1=6",
+                "estimator.ep.T2=4", "dtype=float64", "epochs=1", "batch_size=16", "dist_timeout_s=120",
+                "optim.name=sgd", "optim.lr=0.05")
+
+
+def _bn_worker(rank: int, world: int, port: int, out: str, sync: bool) -> None:
+    join_as_rank(rank, world, port)
+    torch.set_num_threads(1)
+    train, test = _data()
+    cfg = tiny_config(os.path.join(out, f"run{rank}"), *BN_OVERRIDES, f"sync_batchnorm={str(sync).lower()}")
+    _fit_and_save(Trainer(cfg, train, test, echo=lambda _m: None), rank, out)
+
+
+def test_synchronised_batch_norm_makes_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    """With sync_batchnorm the batch statistics are the global batch's: parameters, running
+    statistics and metrics of 2 gloo ranks equal one process; without it they differ."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    train, test = _data()
+    single = Trainer(tiny_config(tmp_path / "one", *BN_OVERRIDES), train, test, echo=lambda _m: None)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in single.model.modules())
+    one = single.fit()
+    reference = single.model.state_dict()
+    for sync in (True, False):
+        out = tmp_path / f"sync{sync}"
+        out.mkdir()
+        spawn_ranks(_bn_worker, 2, free_port(), str(out), sync)
+        ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        assert set(ranks[0]["state"]) == set(reference)  # the same checkpoint keys either way
+        gaps = {name: max((r["state"][name].double() - p.double()).abs().max().item() for r in ranks)
+                for name, p in reference.items() if p.is_floating_point()}
+        if sync:
+            assert max(gaps.values()) < 1e-10, sorted(gaps.items(), key=lambda kv: -kv[1])[:4]
+            for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
+                assert all(abs(r["last"][key] - one["last"][key]) < 1e-9 for r in ranks), key
+        else:  # per-rank statistics: another trajectory (the running means differ at once)
+            assert max(gaps[n] for n in gaps if n.endswith("running_mean")) > 1e-6, gaps

@@ -100,3 +100,20 @@ def test_a_rank_that_never_answers_fails_the_others_after_the_timeout(tmp_path, 
     message = (tmp_path / "rank0.txt").read_text()
     assert message.startswith("failed after"), message
     assert float(message.split()[2]) < 8  # the timeout, not the peer's return, ended the wait
+
+
+def test_sync_batchnorm_keeps_parameters_and_equals_batch_norm_in_one_process():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3),
+                                torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(3 * 4 * 4)))
+    reference = torch.nn.Sequential(*[m for m in __import__("copy").deepcopy(model)])
+    params = [id(p) for p in model.parameters()]
+    keys = list(model.state_dict())
+    distributed.sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], distributed.SyncBatchNorm) and isinstance(model[2][1], distributed.SyncBatchNorm)
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
+    x = torch.randn(5, 1, 6, 6)
+    assert torch.equal(model(x), reference(x))  # no process group: plain batch norm
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
+    with pytest.raises(ValueError, match="for 4-d inputs.*got a 2-d input"):
+        model[1](torch.randn(4, 3))

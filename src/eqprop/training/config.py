@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",            # auto | cpu | cuda | cuda:N
     "threads": None,             # torch.set_num_threads on CPU (null: torch's default)
+    "sync_batchnorm": False,     # DDP: batch-norm statistics over the global batch (all ranks), as one process
     "dist_timeout_s": 1800,      # DDP: seconds a rank waits for the others in a collective, then fails
     "dtype": "float32",          # float32 | float64: parameters and inputs
     "precision": "fp32",         # fp32 | bf16 | fp16: autocast of the feedforward parts
@@ -279,7 +280,7 @@ def validate(cfg: dict) -> None:
     est = cfg["estimator"].get(cfg["algorithm"], {})
     if not isinstance(est, dict):
         raise ConfigError(f"config key 'estimator.{cfg['algorithm']}' must be a mapping of settings, got {est!r}")
-    for key in ("resume", "progress", "tensorboard", "channels_last", "compile"):
+    for key in ("resume", "progress", "tensorboard", "channels_last", "compile", "sync_batchnorm"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["DistInfo", "all_reduce_sum", "any_flag", "barrier", "gather_errors", "rank_seed", "resolve_device", "setup",
-           "teardown", "wrap"]
+__all__ = ["DistInfo", "SyncBatchNorm", "all_reduce_sum", "any_flag", "barrier", "gather_errors", "rank_seed",
+           "resolve_device", "setup", "sync_batchnorm", "teardown", "wrap"]
 
 
 @dataclass
@@ -97,6 +97,97 @@ def gather_errors(error: BaseException | None, info: DistInfo) -> list[tuple[int
     everyone: list = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
     return [(r, m) for r, m in enumerate(everyone) if m is not None]
+
+
+class SumOverRanks(torch.autograd.Function):
+    """x summed over the ranks; its backward sums the gradients over the ranks (each rank's
+    loss depends on every rank's x through the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+INPUT_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm on CPU tensors whose training statistics are those of the global batch.
+
+    torch's nn.SyncBatchNorm runs on GPUs only (and DDP refuses it in a CPU model). Here the
+    per-channel count, sum and sum of squares are summed over ranks with an autograd-aware
+    all-reduce (gloo), so the forward, the backward and the running statistics equal those
+    of one process on the whole batch. Same parameters and buffers as nn.BatchNorm*d, so
+    checkpoints move between synchronised and per-rank statistics freely."""
+
+    def __init__(self, *args, input_dims: tuple[int, ...] = (2, 3, 4, 5), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_dims = input_dims
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self.input_dims:
+            raise ValueError(f"SyncBatchNorm (for {' or '.join(map(str, self.input_dims))}-d inputs): got a "
+                             f"{input.dim()}-d input")
+
+    def forward(self, input: Tensor) -> Tensor:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not self.training or world == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        if input.device.type != "cpu":
+            raise ValueError(f"eqprop's SyncBatchNorm synchronises CPU tensors; got one on {input.device} (GPU models "
+                             f"use torch.nn.SyncBatchNorm: distributed.sync_batchnorm(model, device))")
+        c = input.shape[1]
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, c] + [1] * (input.dim() - 2)
+        count = torch.full((1,), input.numel() / c, dtype=input.dtype)
+        stats = SumOverRanks.apply(torch.cat([count, input.sum(dims), (input * input).sum(dims)]))
+        n, mean = stats[0], stats[1:1 + c] / stats[0]
+        if n.item() < 2:
+            raise ValueError(f"SyncBatchNorm: {int(n.item())} value per channel over all ranks; batch statistics "
+                             f"need at least 2")
+        var = (stats[1 + c:] / n - mean * mean).clamp_min(0)  # biased: what batch norm normalises with
+        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach().to(self.running_mean), momentum)
+                self.running_var.lerp_((var.detach() * (n / (n - 1))).to(self.running_var), momentum)
+        return out
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Make every batch norm of `model` use the global batch's statistics under DDP: torch's
+    nn.SyncBatchNorm on GPUs, `SyncBatchNorm` on the CPU. In place for the submodules (the
+    parameter and buffer objects are kept, so the optimizer and state_dict keys are unchanged);
+    returns the model."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncBatchNorm):
+            new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                                input_dims=INPUT_DIMS.get(type(child), (2, 3, 4, 5)))
+            if child.affine:
+                new.weight, new.bias = child.weight, child.bias
+            if child.track_running_stats:
+                new.running_mean, new.running_var = child.running_mean, child.running_var
+                new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -244,6 +244,8 @@ class Trainer:
     `train_set`/`test_set` (eqprop.data.Dataset) replace loading `cfg['dataset']` (tests,
     studies that share one loaded dataset among runs).
     `on_step(trainer)` is called after every optimizer step (tests, instrumentation).
+    A model with a `local_step(x)` method has it called with each training batch before the
+    step's forward (parameters it trains itself, e.g. eqprop.target_prop's feedback maps).
     `objective` (an `Objective`) replaces the default `CrossEntropy`.
     """
 
@@ -292,6 +294,8 @@ class Trainer:
         if self.dist.enabled:  # dropout masks and other draws differ per rank; rank 0 keeps the seed
             seed_everything(distributed.rank_seed(cfg["seed"], self.dist))
         self.train_set, self.test_set = train_set, test_set
+        if cfg["sync_batchnorm"] and self.dist.enabled:
+            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net: nn.Module = distributed.wrap(self.model, self.dist)
         if cfg["compile"]:
             self.net = torch.compile(self.net)
@@ -429,6 +433,8 @@ class Trainer:
         kept = self._kept()
         try:
             try:
+                if callable(getattr(self.model, "local_step", None)):
+                    self.model.local_step(x)  # a model's own per-step update (e.g. DTP's feedback weights)
                 loss, logits = self._forward_loss(x, y, self.net)
                 local = None if math.isfinite(loss.item()) else TrainingError(
                     f"loss is NaN/inf at {where}; stopping. {kept}; lower optim.lr or check the data")
