@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..analysis.account import StepAccountant
 from ..blocks import DivergenceError
 from ..data import write_data_record
 from ..devices import attach_device_writes
@@ -302,6 +303,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
         # blocks with a device model: every optimizer step is a device write (eqprop.devices)
         self.device_hooks = attach_device_writes(self.optimizer, self.model)
+        self.accountant = StepAccountant(self.model, self.optimizer)  # the step account, logged per epoch
         self.scheduler = make_scheduler(self.optimizer, cfg["optim"], cfg["epochs"], len(self.train_loader))
         self.autocast = AUTOCAST.get(cfg["precision"])  # energy-based blocks switch it off themselves
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg["precision"] == "fp16" else None
@@ -504,6 +506,7 @@ class Trainer:
                 for phase, iters in relax_summary(self.model).items():
                     relax_sums[phase] = relax_sums.get(phase, 0.0) + iters
                 relax_n += 1
+                self.accountant.after_step()
                 if self.on_step is not None:
                     self.on_step(self)
                 bar.update(1)
@@ -523,6 +526,7 @@ class Trainer:
         out = {f"train_{k}": v for k, v in totals.values().items() if k != "count"}
         out.update({f"iters_{k}": v / max(relax_n, 1) for k, v in relax_sums.items()})
         out.update({"train_time_s": elapsed, "data_share": data_time / max(elapsed, 1e-12)})
+        out.update(self.accountant.epoch_totals())  # account_*: the mean step's MACs, bytes, conversions, energy
         self.partial = None
         return out
 
