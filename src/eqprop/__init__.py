@@ -23,6 +23,7 @@ from .estimators import BPTT, EP, ID, RHEL, Contrast, ContrastEstimator, Estimat
 from .optional import package_version
 from .registry import estimator_names, make_estimator, register_estimator, set_estimator, unregister_estimator
 from .rules import CL, TBP, CpL
+from .spiking import EqSpike, SpikingDenseHopfield
 
 __version__: str = package_version("eqprop")
 
@@ -35,5 +36,6 @@ __all__ = [
     "BPTT", "EP", "ID", "RHEL", "Contrast", "ContrastEstimator", "Estimator",
     "estimator_names", "make_estimator", "register_estimator", "set_estimator", "unregister_estimator",
     "CL", "CpL", "TBP", "__version__",
+    "EqSpike", "SpikingDenseHopfield",
     "ContinualEP",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 from .continual import ContinualEP
 from .estimators import BPTT, EP, ID, RHEL, Estimator
 from .rules import CL, TBP, CpL
+from .spiking import EqSpike
 
 __all__ = ["register_estimator", "unregister_estimator", "make_estimator", "estimator_names", "set_estimator",
            "estimator_modules"]
@@ -38,6 +39,7 @@ _REGISTRY: dict[str, Factory] = {
     "pcpl": _alias(CpL, variant="positive"), "ncpl": _alias(CpL, variant="negative"),
     "ccpl": _alias(CpL, variant="centered"),
     "rbp": ID,
+    "eqspike": EqSpike,
     "continual": ContinualEP,
 }
 

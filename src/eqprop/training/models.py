@@ -32,6 +32,7 @@ from torch import nn
 from ..blocks import EnergyBlock
 from ..chain import FFEBM, configure_blocks, relax_stats
 from ..registry import set_estimator
+from ..spiking import make_spiking_
 from .config import RELAX_KEYS, ConfigError
 
 __all__ = ["CONV_OPTIONS", "DTYPES", "RELAX_KEYS", "build_model", "configure_estimator", "configure_relax_dtype",
@@ -51,7 +52,19 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
     if kind == "hssm":
         from ..hamiltonian import build_hssm
         return build_hssm
+    if kind == "spiking_dense":
+        return spiking_dense_ffebm
     raise ConfigError(f"config key 'model.kind' must be conv, dense or hssm, got {kind!r}")
+
+
+def spiking_dense_ffebm(in_features: int, blocks: list, num_classes: int = 10, activation: str = "hardsigmoid",
+                        slope: float = 1.0, alpha: float = 0.5, spiking: str = "deterministic", threshold: float = 1.0,
+                        tau: float = 10.0, dt: float = 1.0, rate: float = 1.0, **relax) -> FFEBM:
+    """model.kind=spiking_dense: the network of kind dense (the same weights for the same seed)
+    with spiking neurons in its blocks (eqprop.spiking; the spike settings are model keys)."""
+    from ..chain import dense_ffebm
+    model = dense_ffebm(in_features, blocks, num_classes, activation, slope, alpha, **relax)
+    return make_spiking_(model, spiking=spiking, threshold=threshold, tau=tau, dt=dt, rate=rate)
 
 
 def _check_keys(kind: str, builder: Callable, settings: dict) -> None:
@@ -134,6 +147,10 @@ def _inputs(kind: str, settings: dict, data_info: dict[str, Any]) -> dict:
     shape = data_info["shape"]
     if kind == "conv":
         return _conv_settings(settings, data_info)
+    if kind == "spiking_dense":
+        settings.setdefault("in_features", math.prod(shape))
+        settings.setdefault("num_classes", data_info["num_classes"])
+        return settings
     if kind == "dense":
         settings.setdefault("in_features", math.prod(shape))
     else:
