@@ -76,7 +76,8 @@ def test_unknown_config_lists_available():
                                             ("precision=fp8", "bf16"), ("optim.lr_min=1", "larger than"),
                                             ("resume=maybe", "true or false"), ("epochs", "key=value"),
                                             ("dist_timeout_s=0", "'dist_timeout_s' must be a positive number"),
-                                            ("dist_timeout_s=.inf", "'dist_timeout_s' must be a positive number")])
+                                            ("dist_timeout_s=.inf", "'dist_timeout_s' must be a positive number"),
+                                            ("tf32=1", "'tf32' must be true or false")])
 def test_bad_values_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("fmnist_cpu", [override])

@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",            # auto | cpu | cuda | cuda:N
     "threads": None,             # torch.set_num_threads on CPU (null: torch's default)
+    "tf32": False,               # CUDA: TF32 matmuls/convolutions (10-bit mantissas; they blur EP's phase differences)
+    "cudnn_benchmark": True,     # CUDA: let cuDNN pick the fastest convolution algorithm for the static shapes
     "sync_batchnorm": False,     # DDP: batch-norm statistics over the global batch (all ranks), as one process
     "dist_timeout_s": 1800,      # DDP: seconds a rank waits for the others in a collective, then fails
     "dtype": "float32",          # float32 | float64: parameters and inputs
@@ -280,7 +282,8 @@ def validate(cfg: dict) -> None:
     est = cfg["estimator"].get(cfg["algorithm"], {})
     if not isinstance(est, dict):
         raise ConfigError(f"config key 'estimator.{cfg['algorithm']}' must be a mapping of settings, got {est!r}")
-    for key in ("resume", "progress", "tensorboard", "channels_last", "compile", "sync_batchnorm"):
+    for key in ("resume", "progress", "tensorboard", "channels_last", "compile", "sync_batchnorm", "tf32",
+                "cudnn_benchmark"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
 

@@ -261,6 +261,10 @@ class Trainer:
             torch.set_num_threads(cfg["threads"])
         self.dist = distributed.setup(cfg["device"], timeout_s=cfg["dist_timeout_s"])
         self.device = self.dist.device
+        if self.device.type == "cuda":  # process-wide switches of torch's CUDA backends
+            torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
+            torch.backends.cudnn.allow_tf32 = cfg["tf32"]
+            torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
         self.echo = echo if self.dist.is_main else (lambda _msg: None)
         self.on_step = on_step
         self.out_dir = Path(cfg["out_dir"] or Path("runs") / str(cfg["name"]))
