@@ -13,7 +13,7 @@ from eqprop.binary import binarize_weights, binary_mlp, latent_weights
 from eqprop.metaplastic import MetaplasticAdam, metaplastic_factor, metaplastic_groups
 
 DT = torch.float64
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=25, deadline=None)
 
 
 @st.composite
@@ -143,3 +143,51 @@ def test_trains_binary_energy_blocks_by_ep():
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, latent))
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean() > 0.85
+
+
+# ---- the continual-learning study ------------------------------------------------------------
+
+def fake_split(n: int, seed: int, split: str):
+    from eqprop.data import Dataset
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(x=torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g),
+                   y=torch.arange(n) % 10, num_classes=10, mean=(0.5,), std=(0.25,), name="fashion_mnist",
+                   kind="image", split=split)
+
+
+@pytest.mark.parametrize("benchmark, net, n_out", [("permuted", "bnn", 10), ("split", "bnn", 2),
+                                                   ("permuted", "ep", 10)])
+def test_continual_study_records_every_task_after_every_task(benchmark, net, n_out, tmp_path):
+    from eqprop.studies.continual import make_tasks, parse_settings, run_continual, write_report
+    s = parse_settings([f"benchmark={benchmark}", f"net={net}", "tasks=3", "metas=[0, 2]", "hidden=[8, 6]",
+                        "train_per_task=40", "test_per_task=20", "epochs_per_task=1", "batch_size=20", "T1=3",
+                        "T2=2"])
+    train, test = fake_split(200, 0, "train"), fake_split(100, 1, "test")
+    tasks, k = make_tasks(s, train, test, seed=0)
+    assert k == n_out and len(tasks) == 3
+    if benchmark == "permuted":  # the same images, each task with its own pixel order
+        assert not torch.equal(tasks[0].x_test, tasks[1].x_test)
+        assert torch.equal(tasks[0].x_test.sort(1).values, tasks[1].x_test.sort(1).values)
+    else:
+        assert set(tasks[1].y_train.tolist()) <= {0, 1}
+    runs = run_continual(s, train, test, [0], log=lambda _m: None)
+    assert [r["method"] for r in runs] == ["full precision", "m=0", "m=2"]
+    for r in runs:
+        assert len(r["acc"]) == 3 and all(len(row) == 3 and all(0 <= a <= 100 for a in row) for row in r["acc"])
+    table = write_report(s, runs, tmp_path, 1, log=lambda _m: None)
+    assert "| m=2 |" in table and (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.parametrize("item, match", [("tasks=1", "tasks must be at least 2"),
+                                         ("metas=[-1]", "metas must be a list of finite numbers >= 0"),
+                                         ("benchmark=rotated", "benchmark must be one of"),
+                                         ("colour=1", "unknown setting 'colour'"), ("tasks", "key=value"),
+                                         ("hidden=[]", "hidden must be"), ("lr=0", "lr must be"),
+                                         ("net=ep hidden=[8]", "at least two widths")])
+def test_continual_settings_errors(item, match):
+    from eqprop.studies.continual import parse_settings
+    from eqprop.training.config import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        parse_settings(item.split())
+    with pytest.raises(ConfigError, match="at most 5 class pairs"):
+        parse_settings(["benchmark=split", "tasks=6"])

@@ -4,9 +4,11 @@
     eqprop study algorithms epochs=1 --rules cep,cl,tbp --seeds 0 1 --set optim.lr=1e-3
     eqprop study algorithms --config study_published device=cuda --dataset cifar10
     eqprop study precision --rule cep --dtypes bfloat16 float16 --steps 3
+    eqprop study continual tasks=5 metas=[0,1,2] --seeds 0 1     # forgetting of binarized networks
 
 Overrides are trainer config keys (`eqprop train` ones): epochs, optim.lr, limit_train,
-relax_dtype, model.T1, and each rule's settings under estimator.<rule> (estimator.cep.beta).
+relax_dtype, model.T1, and each rule's settings under estimator.<rule> (estimator.cep.beta);
+for `continual` they are its own settings (eqprop.studies.continual.ContinualSettings).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", choices=["algorithms", "precision"],
-                        help="algorithms: train with every rule; precision: 16-bit relaxation against float32")
+    parser.add_argument("study", choices=["algorithms", "precision", "continual"],
+                        help="algorithms: train with every rule; precision: 16-bit relaxation against float32; "
+                             "continual: task sequences, binarized networks with metaplasticity")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with the trainer's keys, e.g. epochs=5 optim.lr=1e-3 "
                              "estimator.cep.beta=0.1")
@@ -40,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated estimator names (default: all nine, " + ",".join(ALL_RULES) + ")")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one run per rule and seed)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: $EQPROP_DATA, then ~/.cache/eqprop)")
-    parser.add_argument("--out", default="runs/study_algorithms", help="output directory")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: runs/study_algorithms, runs/study_continual)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true",
                         help="skip (rule, seed) runs already in <out>/results.json with the same config")
@@ -63,7 +67,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 def algorithms(args: argparse.Namespace, cfg: dict) -> int:
     """Train every rule and seed, then write the report."""
-    out = Path(args.out)
+    out = Path(args.out or "runs/study_algorithms")
     out.mkdir(parents=True, exist_ok=True)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     with open(out / "log.txt", "a") as log_file:
@@ -85,7 +89,32 @@ def precision(args: argparse.Namespace, cfg: dict) -> int:
     data = load_data(cfg)
     print(f"study precision: {cfg['dataset']}, config {args.config}, rule {args.rule}, batch {cfg['batch_size']}, "
           f"threads {torch.get_num_threads()}", flush=True)
-    print(precision_study(cfg, args.rule, args.dtypes, data, args.steps, Path(args.out), args.seeds[0]))
+    print(precision_study(cfg, args.rule, args.dtypes, data, args.steps, Path(args.out or "runs/study_algorithms"),
+                          args.seeds[0]))
+    return 0
+
+
+def continual(args: argparse.Namespace) -> int:
+    """Learn a task sequence with binarized networks at each metaplasticity strength."""
+    from ..data import load_dataset
+    from .continual import parse_settings, run_continual
+    from .continual import write_report as continual_report
+
+    settings = parse_settings([*args.overrides, *args.set])
+    for flag, name in ((args.config != DEFAULT_CONFIG, "--config"), (args.dataset, "--dataset"),
+                       (args.resume, "--resume"), (args.batch_size, "--batch-size")):
+        if flag:
+            raise ConfigError(f"study continual: {name} does not apply (Fashion-MNIST tasks; settings are key=value)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or "runs/study_continual")
+    out.mkdir(parents=True, exist_ok=True)
+    train = load_dataset("fashion_mnist", "train", args.data_dir)
+    test = load_dataset("fashion_mnist", "test", args.data_dir)
+    print(f"study continual: {settings}, seeds {args.seeds}, threads {torch.get_num_threads()}", flush=True)
+    runs = run_continual(settings, train, test, args.seeds)
+    print(continual_report(settings, runs, out, torch.get_num_threads()))
+    print(f"wrote {out / 'table.md'}, {out / 'forgetting.png'}, {out / 'results.json'}")
     return 0
 
 
@@ -93,12 +122,15 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DatasetError
 
     try:
+        if args.study == "continual":
+            return continual(args)
         cfg = resolve(args)
         return (precision if args.study == "precision" else algorithms)(args, cfg)
     except (ConfigError, DatasetError, TrainingError) as e:
         print(f"eqprop study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"eqprop study: interrupted; finished runs are in {Path(args.out) / 'results.json'} "
+        out = Path(args.out or "runs/study_algorithms")
+        print(f"eqprop study: interrupted; finished runs are in {out / 'results.json'} "
               f"(continue with --resume)", file=sys.stderr)
         return 130

@@ -1,7 +1,9 @@
 """Build the model a config describes and give it the config's gradient estimator.
 
 `model.kind` picks the builder: conv -> eqprop.chain.conv_ffebm, dense ->
-eqprop.chain.dense_ffebm, hssm -> eqprop.hamiltonian.build_hssm (imported lazily). The
+eqprop.chain.dense_ffebm, hssm -> eqprop.hamiltonian.build_hssm, mlp ->
+eqprop.target_prop.dtp_mlp (no estimator: `model.learning` is its rule), dtp_dense ->
+eqprop.target_prop.dtp_ffebm (imported lazily). The
 estimator named by `algorithm` (with its settings from `estimator.<algorithm>`) is then set
 on every block with `eqprop.set_estimator`, and `relax_dtype` on every energy-based block
 with `eqprop.configure_blocks`.
@@ -54,7 +56,13 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
         return build_hssm
     if kind == "spiking_dense":
         return spiking_dense_ffebm
-    raise ConfigError(f"config key 'model.kind' must be conv, dense or hssm, got {kind!r}")
+    if kind == "mlp":
+        from ..target_prop import dtp_mlp
+        return dtp_mlp
+    if kind == "dtp_dense":
+        from ..target_prop import dtp_ffebm
+        return dtp_ffebm
+    raise ConfigError(f"config key 'model.kind' must be conv, dense, hssm, mlp or dtp_dense, got {kind!r}")
 
 
 def spiking_dense_ffebm(in_features: int, blocks: list, num_classes: int = 10, activation: str = "hardsigmoid",
@@ -151,7 +159,7 @@ def _inputs(kind: str, settings: dict, data_info: dict[str, Any]) -> dict:
         settings.setdefault("in_features", math.prod(shape))
         settings.setdefault("num_classes", data_info["num_classes"])
         return settings
-    if kind == "dense":
+    if kind in ("dense", "mlp", "dtp_dense"):
         settings.setdefault("in_features", math.prod(shape))
     else:
         if data_info["kind"] != "sequence":
@@ -217,6 +225,12 @@ def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
             binarize_model(model, binary)
         except ValueError as e:
             raise ConfigError(f"model.binary={binary!r}: {e}") from e
+    if kind == "mlp":  # no energy-based block: model.learning is the rule (eqprop.target_prop)
+        if cfg["algorithm"] != "ep" or cfg.get("relax_dtype") is not None:
+            raise ConfigError(f"model.kind=mlp has no energy-based block: its learning rule is model.learning (dtp, "
+                              f"dtp-ldrl or bp); leave algorithm at ep and relax_dtype null, got algorithm="
+                              f"{cfg['algorithm']} relax_dtype={cfg.get('relax_dtype')}")
+        return model
     configure_estimator(model, cfg)
     configure_relax_dtype(model, cfg)
     return model
