@@ -24,6 +24,7 @@ from .optional import package_version
 from .registry import estimator_names, make_estimator, register_estimator, set_estimator, unregister_estimator
 from .rules import CL, TBP, CpL
 from .spiking import EqSpike, SpikingDenseHopfield
+from .vector_field import ConvVF, DenseVF, VectorFieldBlock
 
 __version__: str = package_version("eqprop")
 
@@ -38,4 +39,5 @@ __all__ = [
     "CL", "CpL", "TBP", "__version__",
     "EqSpike", "SpikingDenseHopfield",
     "ContinualEP",
+    "ConvVF", "DenseVF", "VectorFieldBlock",
 ]
