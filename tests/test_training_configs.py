@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import eqprop
 from eqprop.data import Dataset
 from eqprop.training.config import list_configs, load_config
 from eqprop.training.models import build_model
@@ -25,7 +26,8 @@ def test_every_config_builds(name):
     assert model[-1].out_features == data_info(cfg)["num_classes"]
     assert len(model.blocks) == len(cfg["model"]["blocks"])
     for block in model.blocks:
-        assert type(block.estimator).__name__ == "EP" and block.estimator.T2 == cfg["estimator"]["ep"]["T2"]
+        name = cfg["algorithm"]  # the config's estimator, with its settings
+        assert block.estimator == eqprop.make_estimator(name, **(cfg["estimator"].get(name) or {}))
         assert (block.T1, block.tol) == (cfg["model"]["T1"], cfg["model"]["tol"])
 
 

@@ -19,6 +19,7 @@ from .blocks import (
 from .chain import FFEBM, configure_blocks, conv_ffebm, dense_ffebm, relax_stats
 from .continual import ContinualEP
 from .couplings import ConvCoupling, Coupling, DenseCoupling, goe_, weighted_kaiming_
+from .devices import Device, attach_device_writes
 from .estimators import BPTT, EP, ID, RHEL, Contrast, ContrastEstimator, Estimator
 from .optional import package_version
 from .registry import estimator_names, make_estimator, register_estimator, set_estimator, unregister_estimator
@@ -40,4 +41,5 @@ __all__ = [
     "EqSpike", "SpikingDenseHopfield",
     "ContinualEP",
     "ConvVF", "DenseVF", "VectorFieldBlock",
+    "Device", "attach_device_writes",
 ]

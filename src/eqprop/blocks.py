@@ -239,6 +239,10 @@ class EnergyBlock(nn.Module):
         weights = self.device_weights()
         if not weights:
             return
+        if not all(isinstance(w, nn.Parameter) for w in weights):
+            raise ValueError(f"{self.block_name}: device writes (g_max, levels, program_noise, asymmetry, drift) need "
+                             f"weights stored as parameters; this block's weights are computed (e.g. binary "
+                             f"weights): use only read_noise and the converters, or no device")
         gen = self._device_generator(self._device_seed(), weights[0])
         olds = [None] * len(weights) if previous is None else previous
         if len(olds) != len(weights):

@@ -8,6 +8,9 @@ estimator named by `algorithm` (with its settings from `estimator.<algorithm>`) 
 on every block with `eqprop.set_estimator`, and `relax_dtype` on every energy-based block
 with `eqprop.configure_blocks`.
 
+`model.kind: vf_dense` builds eqprop.vector_field.dense_vf_ffebm: dense blocks with separate
+backward weights (vector-field EP; docs/local_learning.md).
+
 Options of `model.kind: conv` handled here rather than by the builder:
   readout:     true (default): a linear readout after the last block. false: the last
                block holds the output layer (num_classes units appended to its `fc`), so
@@ -62,7 +65,10 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
     if kind == "dtp_dense":
         from ..target_prop import dtp_ffebm
         return dtp_ffebm
-    raise ConfigError(f"config key 'model.kind' must be conv, dense, hssm, mlp or dtp_dense, got {kind!r}")
+    if kind == "vf_dense":
+        from ..vector_field import dense_vf_ffebm
+        return dense_vf_ffebm
+    raise ConfigError(f"config key 'model.kind' must be conv, dense, hssm, mlp, dtp_dense or vf_dense, got {kind!r}")
 
 
 def spiking_dense_ffebm(in_features: int, blocks: list, num_classes: int = 10, activation: str = "hardsigmoid",
@@ -155,6 +161,10 @@ def _inputs(kind: str, settings: dict, data_info: dict[str, Any]) -> dict:
     shape = data_info["shape"]
     if kind == "conv":
         return _conv_settings(settings, data_info)
+    if kind == "vf_dense":
+        settings.setdefault("in_features", math.prod(shape))
+        settings.setdefault("num_classes", data_info["num_classes"])
+        return settings
     if kind == "spiking_dense":
         settings.setdefault("in_features", math.prod(shape))
         settings.setdefault("num_classes", data_info["num_classes"])
