@@ -295,17 +295,16 @@ def stdp_window(offsets: Sequence[int], tau: float = 10.0, dt: float = 1.0, rate
     a = trace_decay(dt, tau)
     t0 = 1 + max(0, -min(offsets, default=0))
     n = len(offsets)
-    pre_s, post_s = torch.zeros(n, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
+    pre_s, post_s = torch.zeros(1, n, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64)
     dw = torch.zeros(n, dtype=torch.float64)
     post_times = torch.tensor([t0 + k for k in offsets])
     for t in range(t0 + span + steps):
-        pre_fired = torch.full((n, 1), float(t == t0), dtype=torch.float64)
-        post_fired = (post_times == t).to(torch.float64).view(n, 1)
+        # one sample, n pre- and n post-synaptic neurons: synapse i (the diagonal) pairs offset i's
+        pre_fired = torch.full((1, n), float(t == t0), dtype=torch.float64)
+        post_fired = (post_times == t).to(torch.float64).view(1, n)
         new_pre = a * pre_s + (1 - a) * h * pre_fired
         new_post = a * post_s + (1 - a) * h * post_fired
-        for i in range(n):  # one synapse per offset
-            dw[i] += spike_pair_update(h * pre_fired[i:i + 1], new_pre[i:i + 1] - pre_s[i:i + 1],
-                                       h * post_fired[i:i + 1], new_post[i:i + 1] - post_s[i:i + 1])[0, 0]
+        dw += spike_pair_update(h * pre_fired, new_pre - pre_s, h * post_fired, new_post - post_s).diagonal()
         pre_s, post_s = new_pre, new_post
     return dw
 
