@@ -227,3 +227,32 @@ def test_no_device_path_unchanged_by_an_unused_device_module():
     block.relax(u)
     assert len(calls) == 20  # two parities per sweep, all through the block's own step
     assert isinstance(block, nn.Module)
+
+
+def test_writes_refuse_computed_weights():
+    from eqprop.binary import binarize_weights
+
+    model = small_model()
+    binarize_weights(model)
+    model.configure_blocks(device=Device(read_noise=0.1, adc_bits=4))  # reads and converters are fine
+    opt = torch.optim.Adam(model.parameters())
+    assert attach_device_writes(opt, model) == []
+    model.configure_blocks(device=Device(program_noise=0.1))
+    with pytest.raises(ValueError, match="weights are computed"):
+        attach_device_writes(opt, model)
+
+
+def test_study_hardware_command(tmp_path, capsys):
+    from eqprop.cli import main
+    from test_training_helpers import write_fashion_mnist
+
+    data = write_fashion_mnist(tmp_path / "data", n_train=60, n_test=20)
+    out = tmp_path / "study"
+    assert main(["study", "hardware", "--only", "adc_bits", "--rules", "ep", "--limit-train", "50",
+                 "--limit-test", "20", "--data-dir", str(data), "--out", str(out), "--threads", "1"]) == 0
+    result = __import__("json").loads((out / "hardware.json").read_text())
+    assert {(r["setting"], r["strength"]) for r in result["runs"]} == {("ideal", None), *(("adc_bits", b) for b in
+                                                                                         (8, 4, 3, 2))}
+    assert (out / "hardware.png").stat().st_size > 1000 and "| adc_bits | 2 |" in (out / "hardware.md").read_text()
+    assert main(["study", "hardware", "--only", "bits", "--data-dir", str(data), "--out", str(out)]) == 2
+    assert "unknown setting(s) ['bits']" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     eqprop study algorithms epochs=1 --rules cep,cl,tbp --seeds 0 1 --set optim.lr=1e-3
     eqprop study algorithms --config study_published device=cuda --dataset cifar10
     eqprop study precision --rule cep --dtypes bfloat16 float16 --steps 3
+    eqprop study hardware --only read_noise,adc_bits          # analog non-idealities, EP and BPTT
     eqprop study continual tasks=5 metas=[0,1,2] --seeds 0 1     # forgetting of binarized networks
 
 Overrides are trainer config keys (`eqprop train` ones): epochs, optim.lr, limit_train,
@@ -21,15 +22,17 @@ import torch
 from ..training.config import ConfigError
 from ..training.trainer import TrainingError
 from .algorithms import ALL_RULES, DEFAULT_CONFIG, load_data, run_study, study_config, write_report
+from .hardware import add_arguments as hardware_arguments
 from .precision import precision_study
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", choices=["algorithms", "precision", "continual"],
+    parser.add_argument("study", choices=["algorithms", "precision", "continual", "hardware"],
                         help="algorithms: train with every rule; precision: 16-bit relaxation against float32; "
-                             "continual: task sequences, binarized networks with metaplasticity")
+                             "continual: task sequences, binarized networks with metaplasticity; "
+                             "hardware: accuracy under analog device non-idealities (EP and BPTT)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with the trainer's keys, e.g. epochs=5 optim.lr=1e-3 "
                              "estimator.cep.beta=0.1")
@@ -53,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precision: 16-bit dtypes to compare with float32")
     parser.add_argument("--batch-size", type=int, default=None, help="precision: batch size (default: config's)")
     parser.add_argument("--steps", type=int, default=3, help="precision: timed training steps per setting")
+    hardware_arguments(parser)
 
 
 def resolve(args: argparse.Namespace) -> dict:
@@ -124,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.study == "continual":
             return continual(args)
+        if args.study == "hardware":
+            from .hardware import run as hardware
+
+            args.rules_given = args.rules != ",".join(ALL_RULES)
+            args.out = args.out or "runs/study_hardware"
+            return hardware(args)
         cfg = resolve(args)
         return (precision if args.study == "precision" else algorithms)(args, cfg)
     except (ConfigError, DatasetError, TrainingError) as e:
