@@ -166,6 +166,14 @@ class DTPLinear(nn.Module):
         self._rule = rule
 
     @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
     def has_feedback(self) -> bool:
         return self.feedback_weight is not None
 
