@@ -164,8 +164,9 @@ def test_bad_learning_inputs_and_shapes_are_named():
         make_rule("dtp", bta=0.1)
     with pytest.raises(ValueError, match="learning 'bp' takes no DTP settings"):
         make_rule("bp", beta=0.1)
-    with pytest.raises(ValueError, match="learning 'bp' uses no DTP setting"):
-        dtp_mlp(4, [3], 2, learning="bp", beta=0.5)
+    with pytest.raises(ValueError, match="dtp: beta must be"):
+        dtp_mlp(4, [3], 2, learning="bp", beta=-0.5)  # checked even where unused
+    assert learning_of(dtp_mlp(4, [3], 2, learning="bp", beta=0.5)) == "bp"
     with pytest.raises(ValueError, match="activation must be one of"):
         DTPLinear(3, 2, "softsign")
     with pytest.raises(ValueError, match="widths must be at least two"):

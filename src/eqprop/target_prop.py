@@ -365,18 +365,17 @@ def dtp_mlp(in_features: int, hidden: Sequence[int] = (256, 256), num_classes: i
             noise_std: float = 0.1, noise_samples: int = 1, normalize: str = "sample", feedback_lr: float = 0.05,
             feedback_iterations: int = 1, feedback_warmup: int = 0) -> DTPNetwork:
     """`DTPNetwork([in_features, *hidden, num_classes], ...)` with the DTP settings spelled out
-    (the builder of the training configs' `model.kind: mlp`); `learning` 'bp' ignores none of
-    them silently: they must keep their defaults."""
+    (the builder of the training configs' `model.kind: mlp`). The settings are validated for
+    every learning; with learning 'bp' they are not used (so that one config can switch
+    between DTP and its backprop reference with `model.learning=bp`)."""
     check_positive_int("dtp_mlp", "in_features", in_features)
     check_positive_int("dtp_mlp", "num_classes", num_classes)
     if not isinstance(hidden, (list, tuple)):
         raise ValueError(f"dtp_mlp: hidden must be a list of layer widths, got {hidden!r}")
     settings = dict(beta=beta, noise_std=noise_std, noise_samples=noise_samples, normalize=normalize,
                     feedback_lr=feedback_lr, feedback_iterations=feedback_iterations, feedback_warmup=feedback_warmup)
+    make_rule("dtp-ldrl", **settings)  # validated whatever the learning, so that a bad one is never passed over
     if learning == "bp":
-        changed = {k: v for k, v in settings.items() if v != DTP.__dataclass_fields__[k].default}
-        if changed:
-            raise ValueError(f"dtp_mlp: learning 'bp' uses no DTP setting, got {changed}")
         settings = {}
     return DTPNetwork([in_features, *hidden, num_classes], activation, learning, feedback_activation, **settings)
 
