@@ -1,0 +1,137 @@
+"""EP, continual EP (C-EP), vector-field EP (VF-EP) and continual VF (C-VF) on the same dense
+Fashion-MNIST network, trained by the Trainer from the fmnist_dense_* configs: test accuracy,
+training time, and for the vector-field runs the angle between B and W^T along training and
+the cosine between the block's VF-EP gradient and the true gradient of its dynamics (implicit
+differentiation) on a probe batch (docs/local_learning.md).
+
+    EQPROP_DATA=/usr/share/datasets .venv/bin/python benchmarks/local_learning.py [--limit-train 60000] [--epochs 1]
+
+Writes benchmarks/results/local_learning.json. The probe (256 training examples, every
+`--every` steps) runs on a copy of the model and changes no parameter. Threads: 1.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eqprop.registry import set_estimator
+from eqprop.testing import cosine
+from eqprop.training.config import load_config
+from eqprop.training.trainer import Trainer
+from eqprop.vector_field import VectorFieldBlock, model_backward_angles
+
+RESULTS = Path(__file__).resolve().parent / "results" / "local_learning.json"
+
+# (label, config, overrides)
+RUNS = [
+    ("EP (centered)", "fmnist_dense_ep", []),
+    ("C-EP (centered)", "fmnist_dense_continual", []),
+    ("EP (positive)", "fmnist_dense_ep", ["estimator.ep.variant=positive"]),
+    ("C-EP (positive)", "fmnist_dense_continual", ["estimator.continual.variant=positive"]),
+    ("VF-EP", "fmnist_dense_vf", []),
+    ("C-VF", "fmnist_dense_cvf", []),
+    ("VF-EP, weight decay 0.02", "fmnist_dense_vf", ["optim.weight_decay=0.02"]),
+    ("EP (centered), weight decay 0.02", "fmnist_dense_ep", ["optim.weight_decay=0.02"]),
+]
+
+
+def block_params(model: nn.Module) -> list[torch.Tensor]:
+    """The forward couplings' parameters of every vector-field block."""
+    return [p for m in model.modules() if isinstance(m, VectorFieldBlock) for p in m.couplings.parameters()]
+
+
+def probe_cosine(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cosine between the VF-EP gradient (the model's estimator) of the blocks' forward
+    couplings and the true gradient of the asymmetric dynamics (implicit differentiation)."""
+    probe = copy.deepcopy(model)
+    out = []
+    for est in (None, "id"):
+        if est is not None:
+            set_estimator(probe, est, max_iter=200, tol=1e-6)
+        probe.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(probe(x), y).backward()
+        out.append([p.grad.detach().clone() for p in block_params(probe)])
+    return cosine(out[0], out[1])
+
+
+def run(label: str, name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
+    cfg = load_config(name, overrides + [
+        f"epochs={args.epochs}", f"limit_train={args.limit_train}", f"limit_test={args.limit_test}", "threads=1",
+        "progress=false", "tensorboard=false", f"out_dir={out}", f"seed={args.seed}",
+        *([f"data_dir={args.data_dir}"] if args.data_dir else [])])
+    curve: list[dict] = []
+    vf = cfg["model"]["kind"] == "vf_dense"
+    probe: dict = {}
+
+    def on_step(trainer: Trainer) -> None:
+        step = trainer.epoch * len(trainer.train_loader) + trainer.step
+        if vf and (step % args.every == 0 or step == 1):
+            curve.append({"step": step, "angles_deg": model_backward_angles(trainer.model)[0],
+                          "grad_cos_vs_id": probe_cosine(trainer.model, *probe["xy"])})
+
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, echo=lambda _m: None, on_step=on_step if vf else None)
+    if vf:
+        probe["xy"] = probe_batch(trainer)
+        curve.append({"step": 0, "angles_deg": model_backward_angles(trainer.model)[0],
+                      "grad_cos_vs_id": probe_cosine(trainer.model, *probe["xy"])})
+    summary = trainer.fit()
+    last = summary["last"]
+    return {"label": label, "config": name, "overrides": overrides, "test_top1": last["test_top1"],
+            "train_top1": last["train_top1"], "train_time_s": last["train_time_s"],
+            "wall_s": time.perf_counter() - t0, "curve": curve}
+
+
+def probe_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """256 training examples: the first batches of the loader's first epoch (fixed by the seed;
+    the loader draws from its own generator, so this changes nothing in the run)."""
+    xs, ys, n = [], [], 0
+    for x, y in trainer.train_loader:
+        xs.append(x)
+        ys.append(y)
+        n += x.shape[0]
+        if n >= 256:
+            break
+    return torch.cat(xs)[:256], torch.cat(ys)[:256]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--limit-train", type=int, default=60000)
+    parser.add_argument("--limit-test", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every", type=int, default=100, help="steps between angle/probe measurements")
+    parser.add_argument("--only", nargs="*", default=None, help="labels of the runs to do (default: all)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--runs-dir", default="/tmp/eqprop_local_learning")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    runs = {r["label"]: r for r in results.get("runs", [])}
+    for i, (label, name, overrides) in enumerate(RUNS):
+        if args.only is not None and label not in args.only:
+            continue
+        r = run(label, name, overrides, args, Path(args.runs_dir) / f"run{i}")
+        print(f"{label}: test {r['test_top1']:.2f}%, train {r['train_top1']:.2f}%, {r['train_time_s']:.0f} s",
+              flush=True)
+        runs[label] = r
+        results = {"settings": {"limit_train": args.limit_train, "limit_test": args.limit_test, "epochs": args.epochs,
+                                "seed": args.seed, "threads": 1, "every": args.every, "torch": torch.__version__,
+                                "python": platform.python_version()},
+                   "runs": [runs[lab] for lab, _, _ in RUNS if lab in runs]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
