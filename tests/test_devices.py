@@ -256,3 +256,13 @@ def test_study_hardware_command(tmp_path, capsys):
     assert (out / "hardware.png").stat().st_size > 1000 and "| adc_bits | 2 |" in (out / "hardware.md").read_text()
     assert main(["study", "hardware", "--only", "bits", "--data-dir", str(data), "--out", str(out)]) == 2
     assert "unknown setting(s) ['bits']" in capsys.readouterr().err
+
+
+def test_a_resumed_run_may_change_the_device():
+    from eqprop.training.config import check_resume
+
+    saved = load_config("fmnist_cpu", ["model.device={read_noise: 0.02}"])
+    changes = check_resume(saved, load_config("fmnist_cpu", ["model.device={read_noise: 0.05, adc_bits: 4}"]))
+    assert {c[0] for c in changes} == {"model.device.read_noise", "model.device.adc_bits"}
+    with pytest.raises(ConfigError, match="model.T2|model.slope"):
+        check_resume(saved, load_config("fmnist_cpu", ["model.slope=0.5"]))

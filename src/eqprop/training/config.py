@@ -322,7 +322,8 @@ def _fixed_key(dotted: str) -> str | None:
     """The FIXED_ON_RESUME entry a changed dotted key falls under (None: it may change)."""
     parts = dotted.split(".")
     if parts[0] == "model":
-        return None if len(parts) == 2 and parts[1] in RELAX_KEYS else "model"
+        # relaxation settings may change, the device model's own keys too (model.device.read_noise)
+        return None if (len(parts) == 2 or parts[1] == "device") and parts[1] in RELAX_KEYS else "model"
     for n in (2, 1):
         key = ".".join(parts[:n])
         if key in FIXED_ON_RESUME:
