@@ -210,7 +210,7 @@ def test_a_spiking_model_from_a_config_learns_with_eqspike(tmp_path):
     trainer = Trainer(cfg, images(4, "train"), images(4, "test"), echo=lambda _m: None)
     block = trainer.model.blocks[0]
     assert isinstance(block, SpikingDenseHopfield) and isinstance(block.estimator, EqSpike)
-    assert (block.spiking, block.tau, block.T1) == ("stochastic", 10.0, 5)
+    assert (block.spiking, block.tau, block.T1) == ("stochastic", 50.0, 5)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert trainer.fit()["status"] == "completed"
     after = trainer.model.state_dict()
