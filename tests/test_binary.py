@@ -225,3 +225,22 @@ def test_config_builds_a_binary_model():
     cfg = load_config("fmnist_binary_weights", ["model.binary.scale=-1"])
     with pytest.raises(ConfigError, match="model.binary"):
         build_model(cfg, {"num_classes": 10, "kind": "image", "shape": (1, 28, 28)})
+
+
+@pytest.mark.parametrize("scale", ["init", "mean", "learned"])
+def test_the_weight_read_without_grad_follows_every_change_of_the_latent_weight(scale):
+    block = binarize_weights(dense_block(), scale)
+    lin = block.couplings[0].core()
+    latent = lin.parametrizations["weight"].original
+    with torch.no_grad():
+        first = lin.weight
+        assert lin.weight is first  # reused while nothing changed
+        latent.neg_()  # an optimizer's in-place step: every sign flips
+        flipped = lin.weight
+        assert torch.equal(torch.sign(flipped), -torch.sign(first))
+        if scale == "learned":
+            lin.parametrizations["weight"][0].scale.mul_(2.0)
+            torch.testing.assert_close(lin.weight, 2.0 * flipped)
+        latest = lin.weight
+    w = lin.weight  # with grad: computed afresh, the same values
+    assert w.requires_grad and w is not latest and torch.equal(w.detach(), latest)

@@ -98,7 +98,17 @@ class BinaryWeight(nn.Module):
         return self.scale
 
     def forward(self, latent: Tensor) -> Tensor:
-        return SignSTE.apply(latent, self.current_scale(latent))
+        if torch.is_grad_enabled():
+            return SignSTE.apply(latent, self.current_scale(latent))
+        # a relaxation reads the weight at every step: reuse W_b until W_h or the scale changes
+        scale = self.scale
+        key = (latent.data_ptr(), latent._version, latent.dtype, latent.device,
+               None if scale is None else (scale.data_ptr(), scale._version))
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] != key:
+            cached = (key, SignSTE.apply(latent, self.current_scale(latent)))
+            self._cached = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"scale={self.mode}"
