@@ -4,8 +4,8 @@ between each rule's update and backprop's along training (docs/target_propagatio
 
     .venv/bin/python benchmarks/target_prop.py --data-dir DIR [--limit-train 6000] [--epochs 2]
 
-Writes benchmarks/results/target_prop.json. Angles are measured on a fixed probe batch of 256
-training examples every `--every` steps, at the parameters the run has reached (the probe
+Writes benchmarks/results/target_prop.json. Angles are measured on a fixed probe batch (the first
+training batch) every `--every` steps, at the parameters the run has reached (the probe
 forward/backward changes no parameter). Threads: 1.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def run(learning: str, args: argparse.Namespace, train, test, out: Path) -> dict
         if learning == "bp" or (step % args.every and step != 1):
             return
         if not probe:
-            x, y = next(iter(t.train_loader))
-            probe.update(x=x[:256], y=y[:256])
+            x, y = next(iter(t.train_loader))  # the loader's first batch of this epoch order (own generator)
+            probe.update(x=x, y=y)
         t0 = time.perf_counter()
         curve.append({"step": step, "angles_deg": [round(a, 2) for a in update_angles(t.model, probe["x"],
                                                                                       probe["y"])]})
@@ -64,9 +64,35 @@ def run(learning: str, args: argparse.Namespace, train, test, out: Path) -> dict
     }
 
 
+def table(result: dict) -> str:
+    """The results as the Markdown table of docs/target_propagation.md."""
+    rows = ["| learning | overrides | test top-1 per epoch (%) | train loss per epoch | s per epoch | "
+            "max angle per layer (deg) | last angle per layer (deg) |", "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        def fmt(v: list | None, d: int = 1) -> str:
+            return "-" if v is None else ", ".join(f"{x:.{d}f}" for x in v)
+        rows.append(f"| {r['learning']} | {' '.join(r['overrides']) or '-'} | {fmt(r['test_top1'], 2)} | "
+                    f"{fmt(r['train_loss'], 3)} | {fmt(r['epoch_time_s'])} | {fmt(r['max_angle_deg'])} | "
+                    f"{fmt(r['final_angle_deg'])} |")
+    return "\n".join(rows)
+
+
+def curve_table(result: dict, every: int = 3) -> str:
+    """Angle curves (every `every`-th measurement) as a Markdown table: step, then per rule the
+    per-layer angles."""
+    runs = [r for r in result["runs"] if r["angle_curve"]]
+    head = "| step | " + " | ".join(f"{r['learning']} (deg)" for r in runs) + " |"
+    rows = [head, "|---" * (len(runs) + 1) + "|"]
+    n = min(len(r["angle_curve"]) for r in runs)
+    for i in [*range(0, n - 1, every), n - 1]:
+        cells = [", ".join(f"{a:.1f}" for a in r["angle_curve"][i]["angles_deg"]) for r in runs]
+        rows.append(f"| {runs[0]['angle_curve'][i]['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir")
     p.add_argument("--config", default="fmnist_mlp_dtp")
     p.add_argument("--limit-train", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=2)
@@ -74,11 +100,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learning", nargs="+", default=["bp", "dtp", "dtp-ldrl"])
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides, e.g. model.feedback_lr=0.1")
-    p.add_argument("--set-dtp", nargs="*", default=["model.feedback_lr=0.005"],
+    p.add_argument("--set-dtp", nargs="*", default=["model.feedback_lr=0.001"],
                    help="overrides for the plain-DTP run only (its reconstruction loss needs a smaller feedback_lr)")
     p.add_argument("--out", default="/tmp/eqprop_target_prop_runs")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--show", action="store_true", help="print the tables of an existing results file and stop")
     args = p.parse_args()
+    if args.show:
+        result = json.loads(Path(args.results).read_text())
+        print(f"{result['command']}\n\n{table(result)}\n\n{curve_table(result)}")
+        return
+    if not args.data_dir:
+        p.error("--data-dir is needed to run (not with --show)")
     torch.set_num_threads(1)
     train = load_dataset("fashion_mnist", "train", args.data_dir)
     test = load_dataset("fashion_mnist", "test", args.data_dir)
@@ -89,7 +122,7 @@ def main() -> None:
                    + (f" --set {' '.join(args.set)}" if args.set else "") + f" --set-dtp {' '.join(args.set_dtp)}",
         "config": load_config(args.config, [])["model"],
         "settings": {"limit_train": args.limit_train, "epochs": args.epochs, "threads": 1, "test_examples": 10000,
-                     "probe_batch": 256, "every_steps": args.every},
+                     "probe_batch": load_config(args.config, [])["batch_size"], "every_steps": args.every},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
         "runs": runs,
     }

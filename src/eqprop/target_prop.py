@@ -11,9 +11,10 @@ autograd.Function, so an ordinary `loss.backward()` runs DTP instead of backprop
     "gradient" (h - t_in) / beta, which the layer below treats as its own error current;
   * its forward weights get the gradient of ||h_out - t_out||^2 / (2 beta) with t_out and
     h held fixed (a local loss: no backprop across layers);
-  * its feedback weights get the gradient of the layer's feedback loss at this batch's h,
-    so one optimizer step after `loss.backward()` trains both (feedback training
-    interleaved with every step). `feedback_loss` gives the same loss for separate steps.
+  * its feedback weights get no gradient from the backward: `feedback_step(model, x)` (which
+    `model.local_step(x)` calls, and the Trainer calls before every step's forward) takes
+    plain SGD steps on the layer's feedback loss at the batch's activations, so feedback and
+    forward training are interleaved step by step.
 
 Two feedback trainings (`DTP.feedback`):
   'ldrl'            local difference reconstruction loss: for noise eps (input) and eta (output),
@@ -465,12 +466,14 @@ def dtp_ffebm(in_features: int, blocks: Sequence[Sequence[int]], num_classes: in
     learning 'dtp' or 'dtp-ldrl' no part of the backward is backprop: each block's estimator
     turns the error current at its output into one at its input, which becomes the target of
     the DTP layer below. `ff_activation` is the feedforward layers' activation (their output is
-    the block's input current)."""
+    the block's input current). `dtp_settings` are validated for every learning and unused by
+    'bp' (backprop through the feedforward parts, the blocks' estimator for the blocks)."""
     check_positive_int("dtp_ffebm", "in_features", in_features)
     check_relax_settings("dtp_ffebm", relax)
     if not blocks:
         raise ValueError("dtp_ffebm: at least one block (a list of layer widths) is needed")
-    rule = make_rule(learning, **(dtp_settings or {}))
+    make_rule("dtp-ldrl", **(dtp_settings or {}))  # validated whatever the learning; unused by 'bp'
+    rule = make_rule(learning, **({} if learning == "bp" else dtp_settings or {}))
     modules: list[nn.Module] = [nn.Flatten()]
     prev = in_features
     for k, widths in enumerate(blocks):
