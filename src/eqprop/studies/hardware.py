@@ -70,11 +70,13 @@ def _model(dev: Device | None, rule: str, seed: int, s: dict):
 
 
 def train_one(dev: Device | None, rule: str, seed: int, data: tuple, s: dict) -> dict:
-    """Train one model; its final test accuracy (%), train loss and time."""
+    """Train one model; its final test accuracy (%), train loss, the fraction of the block's
+    weights that the training changed (after their first programming) and time."""
     (xt, yt), (xe, ye) = data
     model = _model(dev, rule, seed, s)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
     attach_device_writes(opt, model)
+    start = [w.detach().clone() for b in model.blocks for w in b.device_weights()]
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     losses = []
@@ -92,8 +94,10 @@ def train_one(dev: Device | None, rule: str, seed: int, data: tuple, s: dict) ->
         for i in range(0, len(xe), 500):
             correct += (model(xe[i:i + 500]).argmax(1) == ye[i:i + 500]).sum().item()
     tail = losses[-max(len(losses) // 5, 1):]
+    end = [w.detach() for b in model.blocks for w in b.device_weights()]
+    moved = sum(int((a != b).sum()) for a, b in zip(start, end)) / max(sum(a.numel() for a in start), 1)
     return {"test_acc": 100.0 * correct / len(xe), "train_loss_end": sum(tail) / len(tail),
-            "time_s": time.perf_counter() - t0}
+            "block_weights_moved": moved, "time_s": time.perf_counter() - t0}
 
 
 def run_study(data: tuple, s: dict, only: list[str] | None = None, log=print) -> dict:
@@ -119,24 +123,37 @@ def run_study(data: tuple, s: dict, only: list[str] | None = None, log=print) ->
             "runs": runs}
 
 
-def _mean(runs: list[dict], **match) -> float | None:
-    vals = [r["test_acc"] for r in runs if all(r[k] == v for k, v in match.items())]
+def _mean(runs: list[dict], key: str = "test_acc", **match) -> float | None:
+    """Mean of `key` over the runs matching every (field, value) of `match` (None if none)."""
+    vals = [r[key] for r in runs if key in r and all(r[k] == v for k, v in match.items())]
     return sum(vals) / len(vals) if vals else None
 
 
 def markdown(result: dict) -> str:
-    """Mean test accuracy per setting and strength, one column per rule."""
+    """Mean test accuracy per setting and strength (min-max over seeds when several), one column
+    per rule, and the fraction of the block's weights the training moved."""
     rules = result["settings"]["rules"]
-    lines = ["| setting | strength | " + " | ".join(f"{r} test acc. (%)" for r in rules) + " |",
-             "|---|---|" + "---|" * len(rules)]
-    lines.append("| ideal | - | " + " | ".join(f"{_mean(result['runs'], setting='ideal', rule=r):.2f}"
-                                               for r in rules) + " |")
+    lines = ["| setting | strength | " + " | ".join(f"{r} test acc. (%)" for r in rules) + " | "
+             + " | ".join(f"{r} block weights moved" for r in rules) + " |",
+             "|---|---|" + "---|" * (2 * len(rules))]
+
+    def acc(**match) -> str:
+        vals = [r["test_acc"] for r in result["runs"] if all(r[k] == v for k, v in match.items())]
+        if not vals:
+            return "-"
+        mean = sum(vals) / len(vals)
+        return f"{mean:.2f}" if len(vals) == 1 else f"{mean:.2f} ({min(vals):.2f}-{max(vals):.2f})"
+
+    def cells(**match) -> str:
+        moved = [_mean(result["runs"], rule=r, key="block_weights_moved", **match) for r in rules]
+        return " | ".join(acc(rule=r, **match) for r in rules) + " | " + " | ".join(
+            "-" if c is None else f"{c:.3f}" for c in moved)
+
+    lines.append(f"| ideal | - | {cells(setting='ideal')} |")
     for name, values in result["sweeps"].items():
         extra = ", ".join(f"{k}={v}" for k, v in FIXED.get(name, {}).items())
         for v in values:
-            cells = [_mean(result["runs"], setting=name, strength=v, rule=r) for r in rules]
-            lines.append(f"| {name}{f' ({extra})' if extra else ''} | {v} | "
-                         + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+            lines.append(f"| {name}{f' ({extra})' if extra else ''} | {v} | {cells(setting=name, strength=v)} |")
     return "\n".join(lines)
 
 
