@@ -57,7 +57,7 @@ class ContinualSettings:
     tasks: int = 5                        # permuted: >= 2; split: 2..5 class pairs
     net: str = "bnn"                      # bnn (backprop, the paper's setting) | ep (binary ff-EBM, EP)
     hidden: list = field(default_factory=lambda: [512, 512])  # hidden widths (ep: the block's layers)
-    metas: list = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    metas: list = field(default_factory=lambda: [0.0, 2.0, 5.0, 10.0, 15.0, 20.0])
     full_precision: bool = True           # also train the real-weight network
     epochs_per_task: int = 2
     train_per_task: int = 10000           # training examples per task (a random subset)
