@@ -266,3 +266,14 @@ def test_a_resumed_run_may_change_the_device():
     assert {c[0] for c in changes} == {"model.device.read_noise", "model.device.adc_bits"}
     with pytest.raises(ConfigError, match="model.T2|model.slope"):
         check_resume(saved, load_config("fmnist_cpu", ["model.slope=0.5"]))
+
+
+@pytest.mark.parametrize("mode", ["additive", "multiplicative"])
+def test_read_noise_forms(mode):
+    w = torch.randn(5, 16)
+    n = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    read = Device(read_noise=0.1, noise=mode).read(w, torch.Generator().manual_seed(3))
+    expect = w + 0.1 * n / 4 if mode == "additive" else w * (1 + 0.1 * n)  # fan_in 16: unit 1/4
+    assert torch.allclose(read, expect)
+    absolute = Device(read_noise=0.1, g_unit="absolute").read(w, torch.Generator().manual_seed(3))
+    assert torch.allclose(absolute, w + 0.1 * n)
