@@ -215,6 +215,31 @@ def test_trainer_trains_the_mlp_kind_with_interleaved_feedback_steps(tmp_path):
     assert learning_of(trainer.model) == "dtp-ldrl"
 
 
+def test_a_stopped_mlp_run_resumes_bit_identical(tmp_path):
+    """Feedback SGD keeps no state and the warm-up counter is a buffer: stopping mid-epoch and
+    resuming ends where an uninterrupted run does."""
+    def fit(cfg, on_step=None, resume=False):
+        t = Trainer(cfg, TRAIN, TEST, echo=lambda _m: None, on_step=on_step)
+        if resume:
+            t.resume()
+        return t, t.fit()
+
+    extra = ["model.feedback_warmup=3", "optim.schedule_unit=step", "epochs=1"]
+    straight, _ = fit(mlp_config(tmp_path / "a", *extra))
+
+    def stop(t):
+        if t.epoch == 0 and t.step == 2:
+            t.request_stop()
+    cfg = mlp_config(tmp_path / "b", *extra)
+    _, s1 = fit(cfg, on_step=stop)
+    assert s1["status"] == "interrupted"
+    resumed, s2 = fit(cfg, resume=True)
+    assert s2["status"] == "completed"
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(b["2.feedback_steps"]) == len(straight.train_loader)
+
+
 def test_mlp_kind_refuses_an_estimator(tmp_path):
     cfg = mlp_config(tmp_path, "algorithm=id")
     with pytest.raises(ConfigError, match="model.kind=mlp has no energy-based block"):
