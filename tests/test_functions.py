@@ -91,8 +91,21 @@ def test_gradcheck(function, build):
     assert torch.autograd.gradcheck(fn, inputs + params, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+# Functions whose backward is deliberately not the derivative of their forward (gradcheck
+# would fail by design), or that need a process group; where their backward is checked
+NOT_GRADCHECKED = {
+    "SignSTE": "straight-through binarisation; tests/test_binary.py checks the latent weight gets EP's gradient",
+    "_StepFunction": "step neuron with a surrogate window derivative; tests/test_binary.py",
+    "_SignHardtanh": "sign with the straight-through 1[|x| <= 1]; tests/test_binary.py",
+    "_DTPFunction": "returns DTP's update, not the gradient; tests/test_target_prop.py checks it against "
+                    "backprop's with transposed feedback",
+    "SumOverRanks": "an all-reduce (needs ranks); tests/test_ddp.py's synchronised batch norm equals one process",
+}
+
+
 def test_every_autograd_function_is_gradchecked():
-    """The custom autograd.Functions defined anywhere in the library are those covered above."""
+    """The custom autograd.Functions defined anywhere in the library are those covered above,
+    or listed, with where their backward is checked, in NOT_GRADCHECKED."""
     found = set()
     for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -101,4 +114,4 @@ def test_every_autograd_function_is_gradchecked():
                 if bases & {"torch.autograd.Function", "autograd.Function", "Function"}:
                     found.add(node.name)
     assert found, "no autograd.Function found: the source walk is broken"
-    assert found == {f for _, f, _ in CASES}
+    assert found == {f for _, f, _ in CASES} | set(NOT_GRADCHECKED)
