@@ -3,8 +3,9 @@ section per subcommand (a run replaces its own section only).
 
   python -m benchmarks.spiking convergence   # cosine of spike-based updates with rate-based EP's
   python -m benchmarks.spiking stdp          # the STDP-like window -> docs/figures/stdp_window.png
-  python -m benchmarks.spiking train --data-dir DIR [--limit-train N --limit-test N --runs ...]
+  python -m benchmarks.spiking train --data-dir DIR [--limit-train N --limit-test N --seeds S ... --runs ...]
                                              # EqSpike vs rate-based EP on Fashion-MNIST, 1 epoch
+  python -m benchmarks.spiking report        # the results as the markdown tables of docs/spiking.md
 
 Everything runs with torch.set_num_threads(1).
 """
@@ -126,40 +127,72 @@ RUNS = {
     "eqspike_stochastic": ["algorithm=eqspike", "model.spiking=stochastic"],
     "eqspike_deterministic": ["algorithm=eqspike", "model.spiking=deterministic"],
     "ep_on_spikes": ["algorithm=ep", "model.spiking=stochastic"],
+    "eqspike_positive": ["algorithm=eqspike", "model.spiking=stochastic", "estimator.eqspike.variant=positive"],
 }
 
 
 def train(args: argparse.Namespace) -> None:
-    """One epoch of fmnist_dense_eqspike per run, on the first limit_train / limit_test images."""
+    """One epoch of fmnist_dense_eqspike per run and seed, on the first limit_train / limit_test
+    images; results are kept per seed (runs of other seeds with the same settings are kept)."""
     from eqprop.training.config import load_config
     from eqprop.training.trainer import Trainer
 
     common = [f"limit_train={args.limit_train}", f"limit_test={args.limit_test}", "epochs=1", "threads=1",
-              f"seed={args.seed}", "progress=false", "tensorboard=false", *args.overrides]
+              "progress=false", "tensorboard=false", *args.overrides]
     data = [f"data_dir={args.data_dir}"] if args.data_dir else []  # not recorded: a path of this machine
     previous = json.loads(RESULTS.read_text()).get("train", {}) if RESULTS.exists() else {}
     results = dict(previous.get("runs", {})) if previous.get("common") == common else {}
-    for name in args.runs:
-        overrides = [*common, *data, *RUNS[name], f"out_dir={args.out}/{name}"]
-        cfg = load_config("fmnist_dense_eqspike", overrides)
-        if cfg["model"]["kind"] == "dense":  # the same network of rate-based neurons: no spike settings
-            for key in SPIKE_SETTINGS:
-                cfg["model"].pop(key)
-        start = time.perf_counter()
-        trainer = Trainer(cfg, echo=print)
-        try:
-            summary = trainer.fit()
-        finally:
-            trainer.close()
-        last = summary["last"]
-        results[name] = {"overrides": RUNS[name], "test_top1": round(last["test_top1"], 2),
-                         "train_top1": round(last.get("train_top1", math.nan), 2),
-                         "seconds": round(time.perf_counter() - start, 1)}
-        print(name, results[name], flush=True)
-        save("train", {"command": "python -m benchmarks.spiking train " + " ".join(
-            [f"--limit-train {args.limit_train}", f"--limit-test {args.limit_test}", f"--seed {args.seed}",
-             "--data-dir DIR", *(f"--override {o}" for o in args.overrides)]),
-            "config": "fmnist_dense_eqspike", "common": common, "runs": results})
+    for seed in args.seeds:
+        for name in args.runs:
+            overrides = [*common, f"seed={seed}", *data, *RUNS[name], f"out_dir={args.out}/{name}-seed{seed}"]
+            cfg = load_config("fmnist_dense_eqspike", overrides)
+            if cfg["model"]["kind"] == "dense":  # the same network of rate-based neurons: no spike settings
+                for key in SPIKE_SETTINGS:
+                    cfg["model"].pop(key)
+            start = time.perf_counter()
+            trainer = Trainer(cfg, echo=print)
+            try:
+                summary = trainer.fit()
+            finally:
+                trainer.close()
+            last = summary["last"]
+            run = results.setdefault(name, {"overrides": RUNS[name], "seeds": {}})
+            run["seeds"][str(seed)] = {"test_top1": round(last["test_top1"], 2),
+                                       "train_top1": round(last.get("train_top1", math.nan), 2),
+                                       "seconds": round(time.perf_counter() - start, 1)}
+            tops = [r["test_top1"] for r in run["seeds"].values()]
+            run["mean_test_top1"] = round(sum(tops) / len(tops), 2)
+            print(name, seed, run["seeds"][str(seed)], flush=True)
+            save("train", {"command": "python -m benchmarks.spiking train " + " ".join(
+                [f"--limit-train {args.limit_train}", f"--limit-test {args.limit_test}", "--data-dir DIR",
+                 "--seeds SEED ...", *(f"--override {o}" for o in args.overrides)]),
+                "config": "fmnist_dense_eqspike", "common": common, "runs": results})
+
+
+def report(args: argparse.Namespace) -> None:
+    """The measurements of benchmarks/results/spiking.json as the markdown of docs/spiking.md."""
+    data = json.loads(RESULTS.read_text())
+    rows = data.get("convergence", {}).get("rows", [])
+    if rows:
+        print("| neurons | variant | tau / dt | p | N = p tau / dt | eqspike | ep on spikes |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['spiking']} | {r['variant']} | {r['tau']:g} | {r['rate']:g} | {r['spikes_per_tau']:g} | "
+                  f"{r['cosine_eqspike']:.4f} | {r['cosine_ep_on_spikes']:.4f} |")
+        print()
+    runs = data.get("train", {}).get("runs", {})
+    if runs:
+        print("| run | overrides | test top-1 per seed (%) | mean | seconds per run |")
+        print("|---|---|---|---|---|")
+        for name, run in runs.items():
+            seeds = run["seeds"]
+            tops = ", ".join(f"{seeds[s]['test_top1']:.2f} (seed {s})" for s in sorted(seeds))
+            secs = ", ".join(f"{seeds[s]['seconds']:.0f}" for s in sorted(seeds))
+            print(f"| {name} | `{' '.join(run['overrides'])}` | {tops} | {run['mean_test_top1']:.2f} | {secs} |")
+        print()
+    if "stdp" in data:
+        s = data["stdp"]
+        print(f"stdp: coincident {s['coincident']:.4f}, next to coincident {s['next_to_coincident']:.4f}")
 
 
 def main() -> None:
@@ -177,13 +210,14 @@ def main() -> None:
     t.add_argument("--data-dir", default=None, help="folder holding fashion_mnist/ (default: the loader's)")
     t.add_argument("--limit-train", type=int, default=10000)
     t.add_argument("--limit-test", type=int, default=2000)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0])
     t.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     t.add_argument("--override", dest="overrides", action="append", default=[],
                    help="extra config override for every run (repeatable)")
     t.add_argument("--out", default="runs/spiking", help="folder of the runs' outputs")
+    sub.add_parser("report", help="print the results as markdown tables")
     args = parser.parse_args()
-    {"convergence": convergence, "stdp": stdp, "train": train}[args.command](args)
+    {"convergence": convergence, "stdp": stdp, "train": train, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":
