@@ -288,6 +288,7 @@ def plot_forgetting(runs: list[dict], path: Path, title: str) -> None:
         axes[0].plot(range(1, n + 1), first, style, marker="o", label=method)
         axes[1].plot(range(1, n + 1), seen, style, marker="o", label=method)
     for ax, name in zip(axes, ("accuracy on task 1 (%)", "mean accuracy on tasks seen (%)")):
+        ax.set_xticks(range(1, len(runs[0]["acc"]) + 1))
         ax.set_xlabel("tasks learned")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
