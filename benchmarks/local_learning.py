@@ -6,7 +6,11 @@ differentiation) on a probe batch (docs/local_learning.md).
 
     EQPROP_DATA=/usr/share/datasets .venv/bin/python benchmarks/local_learning.py [--limit-train 60000] [--epochs 1]
 
-Writes benchmarks/results/local_learning.json. The probe (256 training examples, every
+Writes benchmarks/results/local_learning.json. With --theory instead: the per-step property of
+C-EP on a small float64 block (the normalised update of nudged step t against truncated
+backprop's gradient for the t-th last free step, synchronous and asynchronous updates) and the
+distance of the summed C-EP update from EP's as eta grows; writes
+benchmarks/results/local_learning_theory.json (seconds). The probe (256 training examples, every
 `--every` steps) runs on a copy of the model and changes no parameter. Threads: 1.
 """
 from __future__ import annotations
@@ -21,13 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eqprop import EP, TBP, ContinualEP, DenseHopfield
 from eqprop.registry import set_estimator
-from eqprop.testing import cosine
+from eqprop.testing import check_estimator, cosine, gradients, rel_error
 from eqprop.training.config import load_config
 from eqprop.training.trainer import Trainer
 from eqprop.vector_field import VectorFieldBlock, model_backward_angles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "local_learning.json"
+THEORY = RESULTS.with_name("local_learning_theory.json")
 
 # (label, config, overrides)
 RUNS = [
@@ -39,6 +45,11 @@ RUNS = [
     ("C-VF", "fmnist_dense_cvf", []),
     ("VF-EP, weight decay 0.02", "fmnist_dense_vf", ["optim.weight_decay=0.02"]),
     ("EP (centered), weight decay 0.02", "fmnist_dense_ep", ["optim.weight_decay=0.02"]),
+    ("EP (centered), lr 0.01", "fmnist_dense_ep", ["optim.lr=0.01"]),
+    ("C-EP (centered), eta = lr = 0.01", "fmnist_dense_continual", ["optim.lr=0.01", "estimator.continual.eta=0.01"]),
+    ("EP (positive), lr 0.01", "fmnist_dense_ep", ["optim.lr=0.01", "estimator.ep.variant=positive"]),
+    ("C-EP (positive), eta = lr = 0.01", "fmnist_dense_continual",
+     ["optim.lr=0.01", "estimator.continual.eta=0.01", "estimator.continual.variant=positive"]),
 ]
 
 
@@ -48,8 +59,9 @@ def block_params(model: nn.Module) -> list[torch.Tensor]:
 
 
 def probe_cosine(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Cosine between the VF-EP gradient (the model's estimator) of the blocks' forward
-    couplings and the true gradient of the asymmetric dynamics (implicit differentiation)."""
+    """Cosine between the gradient estimate of the model's own estimator (VF-EP, or C-VF's
+    -change/eta) for the blocks' forward couplings and the true gradient of the asymmetric
+    dynamics (implicit differentiation)."""
     probe = copy.deepcopy(model)
     out = []
     for est in (None, "id"):
@@ -102,6 +114,83 @@ def probe_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs)[:256], torch.cat(ys)[:256]
 
 
+def small_block(update: str) -> tuple[DenseHopfield, torch.Tensor, torch.Tensor]:
+    """A float64 dense block [3, 5, 4, 2] (logistic), an input and a target (seeded)."""
+    torch.manual_seed(0)
+    block = DenseHopfield([3, 5, 4, 2], activation="sigmoid", alpha=1.5, T1=3000, tol=1e-13, update=update)
+    g = torch.Generator().manual_seed(1)
+    block = block.double()
+    return block, torch.randn(2, 3, generator=g, dtype=torch.float64), torch.rand(2, 2, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def per_step(update: str, variant: str, steps: int = 12, beta: float = 1e-5, eta: float = 1e-10) -> list[dict]:
+    """Per nudged step t: cosine and relative error between C-EP's normalised update and
+    -(TBP(K=t) - TBP(K=t-1)), the gradient truncated backprop gives the t-th last free step."""
+    block, u, y = small_block(update)
+    s, stats = block.relax(u)
+    rule = ContinualEP(beta=beta, eta=eta, T2=steps, variant=variant)
+    updates: list = []
+    rule.run(block, u, s, s[-1] - y, callback=lambda t, d: updates.append([x / eta for x in d]))
+    params = list(block.parameters())
+    block.configure(T1=stats.iters, tol=None)
+    prev = [torch.zeros_like(p) for p in params]
+    rows = []
+    for t in range(1, steps + 1):
+        block.estimator = TBP(K=t)
+        g = gradients(lambda: 0.5 * ((block(u) - y) ** 2).sum(), params)
+        ref = [-(a - b) for a, b in zip(g, prev)]
+        prev = g
+        rows.append({"t": t, "cos": cosine(updates[t - 1], ref), "rel": rel_error(updates[t - 1], ref)})
+    return rows
+
+
+def theory() -> dict:
+    out: dict = {"per_step": {}, "eta_sweep": {}}
+    for update in ("sync", "async"):
+        for variant in ("centered", "positive"):
+            out["per_step"][f"{update}/{variant}"] = per_step(update, variant)
+    block, u, _ = small_block("async")
+    for variant in ("centered", "positive"):
+        rows = []
+        for eta in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+            rep = check_estimator(block, ContinualEP(beta=0.05, eta=eta, T2=30, variant=variant), u,
+                                  reference=EP(beta=0.05, T2=30, variant=variant))
+            rows.append({"eta": eta, "cos": rep.cosine, "rel": rep.rel_error})
+        out["eta_sweep"][variant] = rows
+    out["settings"] = {"block": "DenseHopfield([3, 5, 4, 2]), logistic, float64, batch 2",
+                       "per_step": "beta=1e-5, eta=1e-10, free phase to tol 1e-13",
+                       "eta_sweep": "beta=0.05, T2=30, async, against EP with the same beta, T2, variant",
+                       "torch": torch.__version__}
+    return out
+
+
+def report(path: Path) -> str:
+    """The Markdown tables of docs/local_learning.md from a results file."""
+    r = json.loads(path.read_text())
+    s = r["settings"]
+    lines = [f"Fashion-MNIST, {s['limit_train']} training / {s['limit_test']} test examples, {s['epochs']} epoch(s), "
+             f"seed {s['seed']}, {s['threads']} thread, torch {s['torch']}.", "",
+             "| run | config and overrides | test top-1 (%) | train top-1 (%) | train time (s) |",
+             "|---|---|---|---|---|"]
+    for run in r["runs"]:
+        over = " ".join(run["overrides"])
+        lines.append(f"| {run['label']} | `{run['config']}{' ' + over if over else ''}` | {run['test_top1']:.2f} | "
+                     f"{run['train_top1']:.2f} | {run['train_time_s']:.0f} |")
+    curves = [run for run in r["runs"] if run["curve"]]
+    if curves:
+        steps = [p["step"] for p in curves[0]["curve"] if p["step"] % 100 == 0]
+        lines += ["", "Angle between B and W^T (degrees) / cosine between the run's gradient estimate for the block's "
+                  "forward couplings (VF-EP, or C-VF's -change/eta) and the true gradient of the asymmetric dynamics "
+                  "(ID), on the 256-example probe batch, by training step:", "",
+                  "| run | " + " | ".join(str(k) for k in steps) + " |", "|---|" + "---|" * len(steps)]
+        for run in curves:
+            at = {p["step"]: p for p in run["curve"]}
+            cells = [f"{at[k]['angles_deg'][0]:.1f} / {at[k]['grad_cos_vs_id']:.3f}" for k in steps]
+            lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
@@ -113,8 +202,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="labels of the runs to do (default: all)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--runs-dir", default="/tmp/eqprop_local_learning")
+    parser.add_argument("--theory", action="store_true", help="only the small-block checks")
+    parser.add_argument("--report", action="store_true", help="print the Markdown tables of a results file")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.report:
+        print(report(Path(args.out)))
+        return
+    if args.theory:
+        THEORY.write_text(json.dumps(theory(), indent=1) + "\n")
+        print(f"wrote {THEORY}")
+        return
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     runs = {r["label"]: r for r in results.get("runs", [])}
