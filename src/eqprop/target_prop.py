@@ -2,7 +2,8 @@
 (docs/target_propagation.md).
 
 A `DTPLinear` layer computes h_out = f(h) = sigma(W h + b) and owns a feedback map
-g(y) = V sigma_g(y) + c from its output space back to its input space. Its forward is an
+g(y) = V sigma_g(y) + c from its output space back to its input space (`DTPConv2d`: a
+convolution, and a transposed convolution back). Its forward is an
 autograd.Function, so an ordinary `loss.backward()` runs DTP instead of backprop:
 
   * the error current delta = dl/dh_out that reaches the layer defines its target
@@ -47,9 +48,9 @@ from .estimators import NORMALIZE, normalized_current, per_sample
 from .registry import make_estimator
 from .validate import check_choice, check_nonnegative_int, check_positive, check_positive_int
 
-__all__ = ["DTP", "DTPLinear", "DTPNetwork", "LEARNING", "FEEDBACK", "ACTIVATIONS", "make_rule", "dtp_layers",
-           "set_learning", "learning_of", "layer_inputs", "feedback_loss", "feedback_step", "update_angles", "dtp_mlp",
-           "DTPFFEBM", "dtp_ffebm"]
+__all__ = ["DTP", "DTPLayer", "DTPLinear", "DTPConv2d", "DTPNetwork", "LEARNING", "FEEDBACK", "ACTIVATIONS",
+           "make_rule", "dtp_layers", "set_learning", "learning_of", "layer_inputs", "feedback_loss", "feedback_step",
+           "update_angles", "dtp_mlp", "DTPFFEBM", "dtp_ffebm"]
 
 LEARNING = ("dtp", "dtp-ldrl", "bp")
 FEEDBACK = ("ldrl", "reconstruction")
@@ -123,37 +124,38 @@ def _activation(owner: str, name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[name]
 
 
-class DTPLinear(nn.Module):
-    """A dense layer h_out = sigma(W h + b) trained by DTP, with its feedback map
-    g(y) = V sigma_g(y) + c (V: in x out). `feedback=False` builds a layer without feedback
-    (the first layer, whose input is the data and needs no target). `rule` is a `DTP` or None
-    (plain autograd: backprop through the layer)."""
+class DTPLayer(nn.Module):
+    """A feedforward layer h_out = f(h) = sigma(A h) trained by DTP (A a dense or convolutional
+    map with bias), with its feedback map g(y) = B sigma_g(y) (B a map of the transposed shape,
+    with bias) from the output space back to the input space. Subclasses give A and B
+    (`forward_map`, `feedback_map`) and the shape checks. `feedback=False` builds a layer
+    without feedback (the first layer, whose input is the data and needs no target). `rule` is
+    a `DTP` or None (plain autograd: backprop through the layer)."""
 
-    def __init__(self, in_features: int, out_features: int, activation: str = "elu",
-                 feedback_activation: str | None = None, feedback: bool = True, rule: DTP | None = None,
-                 name: str | None = None):
+    def __init__(self, activation: str, feedback_activation: str | None, feedback: bool, rule: DTP | None,
+                 name: str):
         super().__init__()
-        self.layer_name = name or "DTPLinear"
-        check_positive_int(self.layer_name, "in_features", in_features)
-        check_positive_int(self.layer_name, "out_features", out_features)
+        self.layer_name = name
         self.activation = activation
         self.feedback_activation = activation if feedback_activation is None else feedback_activation
         _activation(self.layer_name, self.activation)
         _activation(self.layer_name + " (feedback)", self.feedback_activation)
-        lin = nn.Linear(in_features, out_features)
-        self.weight, self.bias = lin.weight, lin.bias
+        if not isinstance(feedback, bool):
+            raise ValueError(f"{self.layer_name}: feedback must be True or False, got {feedback!r}")
+        self.rule = rule
+
+    def _init_feedback(self, feedback: bool, weight_shape: tuple[int, ...], bias_size: int) -> None:
         if feedback:
-            # zero at the start: the first feedback steps then move V along the forward map's
+            # zero at the start: the first feedback steps then move B along the forward map's
             # (mean) transposed Jacobian rather than away from a random start
-            self.feedback_weight = nn.Parameter(torch.zeros(in_features, out_features))
-            self.feedback_bias = nn.Parameter(torch.zeros(in_features))
+            self.feedback_weight = nn.Parameter(torch.zeros(weight_shape))
+            self.feedback_bias = nn.Parameter(torch.zeros(bias_size))
             # feedback steps taken (a buffer, so that a resumed run knows the warm-up is done)
             self.register_buffer("feedback_steps", torch.zeros((), dtype=torch.long))
         else:
             self.register_parameter("feedback_weight", None)
             self.register_parameter("feedback_bias", None)
             self.feedback_steps = None
-        self.rule = rule
 
     @property
     def rule(self) -> DTP | None:
@@ -167,14 +169,6 @@ class DTPLinear(nn.Module):
         self._rule = rule
 
     @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
     def has_feedback(self) -> bool:
         return self.feedback_weight is not None
 
@@ -184,34 +178,30 @@ class DTPLinear(nn.Module):
     def feedback_parameters(self) -> list[Tensor]:
         return [p for p in (self.feedback_weight, self.feedback_bias) if p is not None]
 
-    def f(self, h: Tensor) -> Tensor:
-        """The forward map sigma(W h + b)."""
-        return ACTIVATIONS[self.activation](F.linear(h, self.weight, self.bias))
+    # ---- what a subclass gives ----------------------------------------------------------------
+    def forward_map(self, h: Tensor) -> Tensor:
+        """A h (with bias)."""
+        raise NotImplementedError
 
-    def g(self, y: Tensor) -> Tensor:
-        """The feedback map V sigma_g(y) + c, from the output space to the input space."""
+    def feedback_map(self, a: Tensor, in_shape: torch.Size) -> Tensor:
+        """B a (with bias), shaped (batch, *in_shape[1:])."""
+        raise NotImplementedError
+
+    def check_input(self, h: Tensor) -> None:
+        """Raise a ValueError naming the layer for an input or a parameter of the wrong shape."""
+        raise NotImplementedError
+
+    # ---- maps ----------------------------------------------------------------------------------
+    def f(self, h: Tensor) -> Tensor:
+        """The forward map sigma(A h)."""
+        return ACTIVATIONS[self.activation](self.forward_map(h))
+
+    def g(self, y: Tensor, in_shape: torch.Size) -> Tensor:
+        """The feedback map B sigma_g(y), from the output space to an input of shape in_shape."""
         if not self.has_feedback:
             raise RuntimeError(f"{self.layer_name}: built without feedback (feedback=False), so no target can be "
                                f"sent to its input")
-        return F.linear(ACTIVATIONS[self.feedback_activation](y), self.feedback_weight, self.feedback_bias)
-
-    def check_input(self, h: Tensor) -> None:
-        if not isinstance(h, Tensor) or not h.is_floating_point() or h.dim() != 2:
-            raise ValueError(f"{self.layer_name}: input must be a floating-point (batch, features) tensor, got "
-                             f"{getattr(h, 'dtype', type(h).__name__)} of shape {tuple(getattr(h, 'shape', ()))}")
-        if h.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"{self.layer_name}: input has {h.shape[1]} features, the layer takes "
-                             f"{self.weight.shape[1]}")
-        self.check_shapes()
-
-    def check_shapes(self) -> None:
-        """The feedback weights map the output space back to the input space: (in, out) and (in,)."""
-        n_out, n_in = self.weight.shape
-        for name, p, shape in (("bias", self.bias, (n_out,)), ("feedback_weight", self.feedback_weight, (n_in, n_out)),
-                               ("feedback_bias", self.feedback_bias, (n_in,))):
-            if p is not None and tuple(p.shape) != shape:
-                raise ValueError(f"{self.layer_name}: {name} must have shape {shape} for a {n_in} -> {n_out} layer, "
-                                 f"got {tuple(p.shape)}")
+        return self.feedback_map(ACTIVATIONS[self.feedback_activation](y), in_shape)
 
     def forward(self, h: Tensor) -> Tensor:
         self.check_input(h)
@@ -220,12 +210,12 @@ class DTPLinear(nn.Module):
         return _DTPFunction.apply(h, self, self.rule, *self.forward_parameters(), *self.feedback_parameters())
 
     # ---- what DTP computes --------------------------------------------------------------
-    def propagate(self, out: Tensor, delta: Tensor, rule: DTP) -> Tensor:
-        """The error current sent to the input: (h - t_in) / beta = (g(h_out) - g(t_out)) / beta
+    def propagate(self, h: Tensor, out: Tensor, delta: Tensor, rule: DTP) -> Tensor:
+        """The error current sent to the input h: (h - t_in) / beta = (g(h_out) - g(t_out)) / beta
         with t_out = h_out - beta delta_hat, scaled back by the normalisation."""
         hat, scale = normalized_current(delta, rule.normalize)
         t_out = out - rule.beta * hat
-        down = (self.g(out) - self.g(t_out)) / rule.beta
+        down = (self.g(out, h.shape) - self.g(t_out, h.shape)) / rule.beta
         return down * per_sample(scale, down)
 
     def feedback_loss(self, h: Tensor, rule: DTP | None = None, out: Tensor | None = None) -> Tensor:
@@ -246,16 +236,114 @@ class DTPLinear(nn.Module):
         with torch.no_grad():
             out_eps = self.f(h + eps)
         if rule.feedback == "reconstruction":
-            return 0.5 * (self.g(out_eps) - (h + eps)).pow(2).flatten(1).sum(1).mean()
-        r = self.g(out)
+            return 0.5 * (self.g(out_eps, h.shape) - (h + eps)).pow(2).flatten(1).sum(1).mean()
+        r = self.g(out, h.shape)
         eta = sd * torch.randn_like(out)
-        first = -(eps * (self.g(out_eps) - r)).flatten(1).sum(1)
-        second = 0.5 * (self.g(out + eta) - r).pow(2).flatten(1).sum(1)
+        first = -(eps * (self.g(out_eps, h.shape) - r)).flatten(1).sum(1)
+        second = 0.5 * (self.g(out + eta, h.shape) - r).pow(2).flatten(1).sum(1)
         return (first + second).mean() / sd ** 2
+
+    def _check_parameters(self, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+        for name, shape in shapes.items():
+            p = getattr(self, name)
+            if p is not None and tuple(p.shape) != shape:
+                raise ValueError(f"{self.layer_name}: {name} must have shape {shape} for a {what} layer, "
+                                 f"got {tuple(p.shape)}")
+
+
+class DTPLinear(DTPLayer):
+    """A dense DTP layer h_out = sigma(W h + b) with feedback g(y) = V sigma_g(y) + c
+    (V: in x out). See `DTPLayer`."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "elu",
+                 feedback_activation: str | None = None, feedback: bool = True, rule: DTP | None = None,
+                 name: str | None = None):
+        super().__init__(activation, feedback_activation, feedback, rule, name or "DTPLinear")
+        check_positive_int(self.layer_name, "in_features", in_features)
+        check_positive_int(self.layer_name, "out_features", out_features)
+        lin = nn.Linear(in_features, out_features)
+        self.weight, self.bias = lin.weight, lin.bias
+        self._init_feedback(feedback, (in_features, out_features), in_features)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward_map(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight, self.bias)
+
+    def feedback_map(self, a: Tensor, in_shape: torch.Size) -> Tensor:
+        return F.linear(a, self.feedback_weight, self.feedback_bias)
+
+    def check_input(self, h: Tensor) -> None:
+        if not isinstance(h, Tensor) or not h.is_floating_point() or h.dim() != 2:
+            raise ValueError(f"{self.layer_name}: input must be a floating-point (batch, features) tensor, got "
+                             f"{getattr(h, 'dtype', type(h).__name__)} of shape {tuple(getattr(h, 'shape', ()))}")
+        if h.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"{self.layer_name}: input has {h.shape[1]} features, the layer takes "
+                             f"{self.weight.shape[1]}")
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """The feedback weights map the output space back to the input space: (in, out) and (in,)."""
+        n_out, n_in = self.weight.shape
+        self._check_parameters({"bias": (n_out,), "feedback_weight": (n_in, n_out), "feedback_bias": (n_in,)},
+                               f"{n_in} -> {n_out}")
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1]} -> {self.weight.shape[0]}, activation={self.activation}, "
                 f"feedback={self.has_feedback}, rule={self.rule}")
+
+
+class DTPConv2d(DTPLayer):
+    """A convolutional DTP layer h_out = sigma(conv(h, W) + b) (square kernel, stride, zero
+    padding) with feedback g(y) = conv_transpose(sigma_g(y), V) + c, V shaped like W (the
+    transposed convolution with V = W is the exact adjoint of the convolution). Strides stand
+    in for pooling. See `DTPLayer`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1,
+                 activation: str = "elu", feedback_activation: str | None = None, feedback: bool = True,
+                 rule: DTP | None = None, name: str | None = None):
+        super().__init__(activation, feedback_activation, feedback, rule, name or "DTPConv2d")
+        for key, v in (("in_channels", in_channels), ("out_channels", out_channels), ("kernel_size", kernel_size),
+                       ("stride", stride)):
+            check_positive_int(self.layer_name, key, v)
+        check_nonnegative_int(self.layer_name, "padding", padding)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding = stride, padding
+        self._init_feedback(feedback, tuple(self.weight.shape), in_channels)
+
+    def forward_map(self, h: Tensor) -> Tensor:
+        return F.conv2d(h, self.weight, self.bias, self.stride, self.padding)
+
+    def feedback_map(self, a: Tensor, in_shape: torch.Size) -> Tensor:
+        k = self.weight.shape[-1]
+        extra = [in_shape[d] - ((a.shape[d] - 1) * self.stride - 2 * self.padding + k) for d in (2, 3)]
+        return F.conv_transpose2d(a, self.feedback_weight, self.feedback_bias, self.stride, self.padding,
+                                  output_padding=tuple(extra))
+
+    def check_input(self, h: Tensor) -> None:
+        if not isinstance(h, Tensor) or not h.is_floating_point() or h.dim() != 4:
+            raise ValueError(f"{self.layer_name}: input must be a floating-point (batch, channels, H, W) tensor, got "
+                             f"{getattr(h, 'dtype', type(h).__name__)} of shape {tuple(getattr(h, 'shape', ()))}")
+        c_out, c_in, k, _ = self.weight.shape
+        if h.shape[1] != c_in:
+            raise ValueError(f"{self.layer_name}: input has {h.shape[1]} channels, the layer takes {c_in}")
+        if min(h.shape[2:]) + 2 * self.padding < k:
+            raise ValueError(f"{self.layer_name}: a {tuple(h.shape[2:])} input is smaller than the {k}x{k} kernel "
+                             f"(padding {self.padding})")
+        self._check_parameters({"bias": (c_out,), "feedback_weight": (c_out, c_in, k, k), "feedback_bias": (c_in,)},
+                               f"{c_in} -> {c_out} channel, {k}x{k}")
+
+    def extra_repr(self) -> str:
+        c_out, c_in, k, _ = self.weight.shape
+        return (f"{c_in} -> {c_out}, kernel {k}, stride {self.stride}, padding {self.padding}, "
+                f"activation={self.activation}, feedback={self.has_feedback}, rule={self.rule}")
 
 
 class _DTPFunction(torch.autograd.Function):
@@ -282,7 +370,7 @@ class _DTPFunction(torch.autograd.Function):
                 raise RuntimeError(f"{layer.layer_name}: its input needs a gradient but the layer has no feedback "
                                    f"map (built with feedback=False); DTP cannot send a target below it")
             with torch.no_grad():
-                grad_h = layer.propagate(out, grad_out, rule)
+                grad_h = layer.propagate(h, out, grad_out, rule)
         fwd_grads: list[Tensor | None] = [None] * len(fwd)
         if any(needs[3:3 + len(fwd)]):
             with torch.enable_grad():  # gradient of ||f(h) - t_out||^2 / (2 beta): J^T delta, local
@@ -293,9 +381,9 @@ class _DTPFunction(torch.autograd.Function):
 
 # ---- networks -------------------------------------------------------------------------------
 
-def dtp_layers(model: nn.Module) -> list[DTPLinear]:
+def dtp_layers(model: nn.Module) -> list[DTPLayer]:
     """The DTP layers of `model`, in order."""
-    return [m for m in model.modules() if isinstance(m, DTPLinear)]
+    return [m for m in model.modules() if isinstance(m, DTPLayer)]
 
 
 def set_learning(model: nn.Module, learning: str, **settings: Any) -> nn.Module:
@@ -381,14 +469,14 @@ def dtp_mlp(in_features: int, hidden: Sequence[int] = (256, 256), num_classes: i
     return DTPNetwork([in_features, *hidden, num_classes], activation, learning, feedback_activation, **settings)
 
 
-def layer_inputs(model: nn.Sequential, x: Tensor) -> list[tuple[DTPLinear, Tensor]]:
+def layer_inputs(model: nn.Sequential, x: Tensor) -> list[tuple[DTPLayer, Tensor]]:
     """(layer, its input) for every DTP layer with a feedback map and a DTP rule, from one forward
     of x without graph through the modules of the sequential model."""
     out = []
     h = x
     with torch.no_grad():
         for m in model:
-            if isinstance(m, DTPLinear) and m.has_feedback and m.rule is not None:
+            if isinstance(m, DTPLayer) and m.has_feedback and m.rule is not None:
                 out.append((m, h))
             h = m(h)
     return out
@@ -409,6 +497,10 @@ def feedback_step(model: nn.Sequential, x: Tensor) -> None:
     `rule.feedback_iterations` plain SGD steps (`rule.feedback_lr`; `rule.feedback_warmup` more
     the first time) on its feedback loss at its input. Plain SGD keeps no state, so a resumed
     run continues exactly. Layers with learning 'bp' are skipped; forward weights are untouched."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise RuntimeError("feedback_step: DTP's feedback maps are trained per process, without averaging over "
+                           "ranks, so under DDP they would drift apart; train DTP models in one process")
     for m, h in layer_inputs(model, x):
         params = m.feedback_parameters()
         n = m.rule.feedback_iterations + (m.rule.feedback_warmup if int(m.feedback_steps) == 0 else 0)
