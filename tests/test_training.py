@@ -245,3 +245,17 @@ def test_relax_summary_reads_the_relaxation_records(tmp_path):
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     SquaredError().loss(model(x, target=y), y).backward()
     assert relax_summary(model) == {"free": 4.0, "nudged+": 3.0, "nudged-": 3.0}
+
+
+def test_epoch_records_log_equilibrium_health_per_block_and_phase(tmp_path):
+    """Fixed T1: every free phase runs T1 iterations and no tolerance is reported; with a
+    tolerance the converged fraction appears (and the iterations stop early)."""
+    train, test = synthetic_images(64, seed=3), synthetic_images(16, seed=4, split="test")
+    fixed = Trainer(tiny_config(tmp_path / "fixed", "epochs=1", "model.T1=7"), train, test,
+                    echo=lambda _m: None).fit()["last"]
+    assert fixed["eq_block1_free_iters"] == 7 and fixed["eq_block1_nudged+_iters"] == 3
+    assert "eq_block1_free_converged" not in fixed and fixed["eq_block1_free_residual"] > 0
+    tol = Trainer(tiny_config(tmp_path / "tol", "epochs=1", "model.T1=50", "model.tol=1e-3"), train, test,
+                  echo=lambda _m: None).fit()["last"]
+    assert tol["eq_block1_free_converged"] == 1.0 and tol["eq_block1_free_iters"] < 50
+    assert tol["eq_block1_free_residual"] < 1e-3

@@ -275,6 +275,22 @@ def configure_relax_dtype(model: nn.Module, cfg: dict) -> None:
     configure_blocks(model, relax_dtype=DTYPES[name])
 
 
+def relax_health(model: nn.Module) -> dict[str, float]:
+    """Per block and phase of the last forward/backward: iterations, last relative change and
+    (when a tolerance was asked for) 1.0/0.0 for converged, keyed 'eq_<block>_<phase>_<stat>';
+    the trainer logs their means over an epoch."""
+    out: dict[str, float] = {}
+    for m in model.modules():
+        if isinstance(m, EnergyBlock):
+            for phase, st in m.last_relax.items():
+                key = f"eq_{m.block_name}_{phase}"
+                out[f"{key}_iters"] = float(st.iters)
+                out[f"{key}_residual"] = float(st.residual)
+                if st.converged is not None:
+                    out[f"{key}_converged"] = float(st.converged)
+    return out
+
+
 def relax_summary(model: nn.Module) -> dict[str, float]:
     """Mean iterations of each phase over the blocks after the last forward/backward, from
     eqprop.relax_stats (empty for models without energy-based blocks)."""

@@ -51,7 +51,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .config import ConfigError, check_resume, to_yaml
 from .metrics import EpochTotals, MetricsLogger, plot_curves, read_metrics
-from .models import DTYPES, build_model, model_inputs, relax_summary
+from .models import DTYPES, build_model, model_inputs, relax_health, relax_summary
 
 __all__ = ["AUTOCAST", "OBJECTIVES", "RUN_FILES", "CrossEntropy", "Objective", "Schedule", "SquaredError", "Trainer",
            "TrainingError", "check_out_dir", "make_optimizer", "make_scheduler", "progress_bar", "seed_everything"]
@@ -489,7 +489,7 @@ class Trainer:
         bar = progress_bar(show, total=len(loader), initial=self.step, dynamic_ncols=True, leave=True,
                            desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}")
         every = 1 if self.device.type == "cpu" else 10
-        data_time, relax_sums, relax_n, t0 = 0.0, {}, 0, time.perf_counter()
+        data_time, relax_sums, health_sums, relax_n, t0 = 0.0, {}, {}, 0, time.perf_counter()
         run_loss = run_correct = run_n = 0.0
         try:
             while True:
@@ -509,6 +509,8 @@ class Trainer:
                     self.scheduler.step()
                 for phase, iters in relax_summary(self.model).items():
                     relax_sums[phase] = relax_sums.get(phase, 0.0) + iters
+                for key, value in relax_health(self.model).items():
+                    health_sums[key] = health_sums.get(key, 0.0) + value
                 relax_n += 1
                 self.accountant.after_step()
                 if self.on_step is not None:
@@ -529,6 +531,9 @@ class Trainer:
         totals.sums = sums
         out = {f"train_{k}": v for k, v in totals.values().items() if k != "count"}
         out.update({f"iters_{k}": v / max(relax_n, 1) for k, v in relax_sums.items()})
+        # equilibrium health per block and phase: mean iterations and last relative change, and the
+        # fraction of steps whose phase met its tolerance (this rank's steps since the epoch (re)started)
+        out.update({k: v / max(relax_n, 1) for k, v in health_sums.items()})
         out.update({"train_time_s": elapsed, "data_share": data_time / max(elapsed, 1e-12)})
         out.update(self.accountant.epoch_totals())  # account_*: the mean step's MACs, bytes, conversions, energy
         self.partial = None
