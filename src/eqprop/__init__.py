@@ -25,6 +25,7 @@ from .optional import package_version
 from .registry import estimator_names, make_estimator, register_estimator, set_estimator, unregister_estimator
 from .rules import CL, TBP, CpL
 from .spiking import EqSpike, SpikingDenseHopfield
+from .target_prop import DTP, DTPConv2d, DTPLinear, DTPNetwork, dtp_ffebm, feedback_step, update_angles
 from .vector_field import ConvVF, DenseVF, VectorFieldBlock
 
 __version__: str = package_version("eqprop")
@@ -42,4 +43,5 @@ __all__ = [
     "ContinualEP",
     "ConvVF", "DenseVF", "VectorFieldBlock",
     "Device", "attach_device_writes",
+    "DTP", "DTPConv2d", "DTPLinear", "DTPNetwork", "dtp_ffebm", "feedback_step", "update_angles",
 ]
