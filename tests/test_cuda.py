@@ -1,8 +1,8 @@
 """CUDA paths (skipped without a GPU; benchmarks/gpu_check.sh runs them with `pytest -m cuda`),
 and the CPU-side pieces of that check: the synthetic dataset writer and its script."""
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
