@@ -5,6 +5,7 @@ section per subcommand (a run replaces its own section only).
   python -m benchmarks.spiking stdp          # the STDP-like window -> docs/figures/stdp_window.png
   python -m benchmarks.spiking train --data-dir DIR [--limit-train N --limit-test N --seeds S ... --runs ...]
                                              # EqSpike vs rate-based EP on Fashion-MNIST, 1 epoch
+  python -m benchmarks.spiking gradients --data-dir DIR  # the same cosines on the Fashion-MNIST network
   python -m benchmarks.spiking report        # the results as the markdown tables of docs/spiking.md
 
 Everything runs with torch.set_num_threads(1).
@@ -169,6 +170,56 @@ def train(args: argparse.Namespace) -> None:
                 "config": "fmnist_dense_eqspike", "common": common, "runs": results})
 
 
+def network_gradients(args: argparse.Namespace) -> None:
+    """Per-tensor cosine of the spiking estimates with rate-based EP's on the Fashion-MNIST
+    network of fmnist_dense_eqspike at initialisation, for one batch of training images."""
+    import copy
+
+    from eqprop import set_estimator
+    from eqprop.data import load_dataset
+    from eqprop.training.config import load_config
+    from eqprop.training.models import build_model
+
+    cfg = load_config("fmnist_dense_eqspike", ["algorithm=eqspike"])
+    est = cfg["estimator"]["eqspike"]
+    data = load_dataset("fashion_mnist", "train", args.data_dir)
+    x = (data.x[:args.batch].float() / 255 - data.mean[0]) / data.std[0]
+    y = data.y[:args.batch]
+    info = {"num_classes": 10, "kind": "image", "shape": tuple(data.x.shape[1:])}
+
+    def build(kind_cfg: dict) -> torch.nn.Module:
+        torch.manual_seed(args.seed)
+        return build_model(kind_cfg, info)
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(args.seed + 1)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    rate_cfg = copy.deepcopy(cfg)
+    rate_cfg["model"]["kind"], rate_cfg["algorithm"] = "dense", "ep"
+    for key in SPIKE_SETTINGS:
+        rate_cfg["model"].pop(key)
+    rate_cfg["estimator"]["ep"] = dict(est)
+    reference = grads(build(rate_cfg))
+    rows = {}
+    for spiking in ("stochastic", "deterministic"):
+        spk_cfg = copy.deepcopy(cfg)
+        spk_cfg["model"]["spiking"] = spiking
+        model = build(spk_cfg)
+        rows[f"eqspike_{spiking}"] = grads(model)
+        set_estimator(model, "ep", **est)
+        rows[f"ep_on_spikes_{spiking}"] = grads(model)
+    table = {name: {n: round(cosine(g[n].flatten(), reference[n].flatten()), 3) for n in reference}
+             for name, g in rows.items()}
+    for name, row in table.items():
+        print(name, row, flush=True)
+    save("network_gradients", {"command": f"python -m benchmarks.spiking gradients --data-dir DIR --batch {args.batch} "
+                                          f"--seed {args.seed}", "threads": 1, "estimator": est,
+                               "reference": "rate-based EP, same settings and initial weights", "cosines": table})
+
+
 def report(args: argparse.Namespace) -> None:
     """The measurements of benchmarks/results/spiking.json as the markdown of docs/spiking.md."""
     data = json.loads(RESULTS.read_text())
@@ -192,7 +243,15 @@ def report(args: argparse.Namespace) -> None:
         print()
     if "stdp" in data:
         s = data["stdp"]
-        print(f"stdp: coincident {s['coincident']:.4f}, next to coincident {s['next_to_coincident']:.4f}")
+        grads = data.get("network_gradients", {}).get("cosines", {})
+    if grads:
+        names = list(next(iter(grads.values())))
+        print("| estimate | " + " | ".join(f"`{n}`" for n in names) + " |")
+        print("|---|" + "---|" * len(names))
+        for est, row in grads.items():
+            print(f"| {est} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+        print()
+    print(f"stdp: coincident {s['coincident']:.4f}, next to coincident {s['next_to_coincident']:.4f}")
 
 
 def main() -> None:
@@ -215,9 +274,14 @@ def main() -> None:
     t.add_argument("--override", dest="overrides", action="append", default=[],
                    help="extra config override for every run (repeatable)")
     t.add_argument("--out", default="runs/spiking", help="folder of the runs' outputs")
+    n = sub.add_parser("gradients", help="cosines with rate-based EP on the Fashion-MNIST network, one batch")
+    n.add_argument("--data-dir", default=None, help="folder holding fashion_mnist/ (default: the loader's)")
+    n.add_argument("--batch", type=int, default=64)
+    n.add_argument("--seed", type=int, default=0)
     sub.add_parser("report", help="print the results as markdown tables")
     args = parser.parse_args()
-    {"convergence": convergence, "stdp": stdp, "train": train, "report": report}[args.command](args)
+    {"convergence": convergence, "stdp": stdp, "train": train, "gradients": network_gradients,
+     "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def gradient(block, estimator, u, y, target: bool = False) -> torch.Tensor:
 def test_eqspike_tends_to_rate_based_ep_as_the_rate_grows():
     """Stochastic neurons, tau = 50 steps, rate * dt / threshold = 0.1, 0.3, 1 spikes per step at
     full drive; 1024 copies of two samples average the spike noise. Measured cosines with
-    positive EP (beta = 0.5): 0.17, 0.76, 0.98."""
+    positive EP (beta = 0.5) for seeds 0, 1, 2: (0.17, 0.76, 0.98), (0.38, 0.72, 0.98),
+    (0.27, 0.76, 0.96)."""
     rate_block, u, y = tiny(copies=1024)
     beta = 0.5
     reference = gradient(rate_block, EP(beta=beta, variant="positive", T2=400), u, y)
@@ -69,20 +70,20 @@ def test_eqspike_tends_to_rate_based_ep_as_the_rate_grows():
 
 def test_ep_on_spiking_traces_tends_to_rate_based_ep():
     """EP's contrast of the traces at the ends of two spiking phases (deterministic neurons)
-    also tends to EP's on the rate network: measured cosine 0.997 at N = 200 spikes per tau."""
+    also tends to EP's on the rate network: measured cosine 0.970 at N = 100 spikes per tau."""
     rate_block, u, y = tiny()
     reference = gradient(rate_block, EP(beta=0.2, variant="positive", T2=400), u, y)
-    block = SpikingDenseHopfield.from_dense(rate_block, tau=200.0, dt=1.0, rate=1.0)
-    block.T1 = 1600
-    assert cosine(gradient(block, EP(beta=0.2, variant="positive", T2=1200), u, y), reference) > 0.99
+    block = SpikingDenseHopfield.from_dense(rate_block, tau=100.0, dt=1.0, rate=1.0)
+    block.T1 = 800
+    assert cosine(gradient(block, EP(beta=0.2, variant="positive", T2=600), u, y), reference) > 0.95
 
 
 @pytest.mark.parametrize("target", [False, True])
 @pytest.mark.parametrize("variant", ["positive", "centered"])
 def test_on_a_rate_block_the_local_differences_sum_to_ep(target, variant):
     block, u, y = tiny()
-    ep = gradient(block, EP(beta=0.05, variant=variant, T2=300), u, y, target)
-    local = gradient(block, EqSpike(beta=0.05, variant=variant, T2=300), u, y, target)
+    ep = gradient(block, EP(beta=0.05, variant=variant, T2=60), u, y, target)
+    local = gradient(block, EqSpike(beta=0.05, variant=variant, T2=60), u, y, target)
     assert torch.allclose(local, ep, rtol=1e-10, atol=1e-13)
 
 
