@@ -16,8 +16,8 @@ state, the one that enters the energy, is the low-pass filtered spike train
   s_i <- a s_i + (1 - a) h S_i,   a = exp(-dt / tau),  h = threshold / (rate dt),
 
 (S_i = 1 on a spike, 0 otherwise) whose mean at a constant drive is rho_i: the spiking
-network relaxes to the rate network's fixed point, up to fluctuations of relative size
-1 / N with N = rate * tau / threshold (spikes per filter time constant at full drive).
+network relaxes to the rate network's fixed point, up to fluctuations that shrink as
+N = rate * tau / threshold (spikes per filter time constant at full drive) grows.
 
 The EqSpike rule (`EqSpike`, registered as "eqspike") runs the nudged phase with the same
 spiking dynamics and updates each synapse when one of its two neurons spikes: the spike
@@ -28,9 +28,10 @@ both directions of the symmetric synapse summed, over the nudged phase, divided 
 
 which is continual EP's local difference d(s_{l+1} s_l^T) = ds_{l+1} s_l^T + s_{l+1} ds_l^T
 with each trace that multiplies a change replaced by the spike train it filters (equal in
-the mean). Summed over the phase, continual EP's differences telescope to EP's contrast,
-so the spike-triggered update tends to EP's as N grows. docs/spiking.md has the details and
-the measurements.
+the mean). Summed over the phase, continual EP's differences telescope to EP's contrast;
+with stochastic neurons the spike-triggered update tends to EP's as the rate grows, while
+integrate-and-fire spike trains leave a coincidence bias (docs/spiking.md has the
+measurements).
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ class SpikingDenseHopfield(DenseHopfield):
     @property
     def spikes_per_tau(self) -> float:
         """N = rate tau / threshold: spikes per filter time constant at full drive; the
-        traces' fluctuations are of relative size ~1/N."""
+        traces' fluctuations shrink as it grows."""
         return self.rate * self.tau / self.threshold
 
     # ---- dynamics ---------------------------------------------------------------------
