@@ -217,3 +217,15 @@ def test_a_spiking_model_from_a_config_learns_with_eqspike(tmp_path):
     after = trainer.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "2.couplings.0.linear.weight" in changed and "1.weight" in changed  # the block and the map into it
+
+
+@pytest.mark.parametrize("name", ["ep", "cl", "id", "bptt", "tbp"])
+def test_standard_estimators_run_on_a_spiking_block(name):
+    """EP and CL run their second phases with spikes; id, bptt and tbp differentiate the rate map."""
+    block, u, y = tiny()
+    spiking = SpikingDenseHopfield.from_dense(block, tau=5.0, rate=1.0)
+    spiking.T1 = 30
+    settings = {"ep": dict(T2=20), "cl": dict(T2=20), "id": dict(max_iter=50, tol=None), "bptt": dict(T2=5),
+                "tbp": dict(K=5)}[name]
+    g = gradient(spiking, eqprop.make_estimator(name, **settings), u, y, target=name == "cl")
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
