@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..binary import binarize_weight, binarize_weights, binary_mlp
+from ..binary import binarize_weight, binarize_weights, binary_mlp, latent_weights
 from ..chain import dense_ffebm
 from ..metaplastic import MetaplasticAdam, metaplastic_groups
 from ..optional import require
@@ -64,7 +64,7 @@ class ContinualSettings:
     test_per_task: int = 2000             # test examples per task
     batch_size: int = 100
     lr: float = 0.005
-    init_width: float = 0.1               # bnn: initial weights uniform in +-init_width/2
+    init_width: float = 0.1               # initial (latent) weights uniform in +-init_width/2
     task_bn: bool = True                  # bnn: per-task batch-norm state (as in the paper's code)
     beta: float = 0.5                     # ep: nudging strength
     T1: int = 20                          # ep: free-phase iterations
@@ -179,6 +179,11 @@ def build_net(settings: ContinualSettings, binary: bool, n_in: int, n_out: int) 
         for m in model:
             if isinstance(m, nn.Linear):
                 binarize_weight(m)
+        # the scales keep the initial mean |W| of each layer; the latent weights restart uniform in
+        # +-init_width/2 as in net=bnn, so that lr means the same flip rate in both networks
+        with torch.no_grad():
+            for w in latent_weights(model):
+                w.uniform_(-settings.init_width / 2, settings.init_width / 2)
     return model
 
 
