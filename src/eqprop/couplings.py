@@ -64,6 +64,17 @@ class Coupling(nn.Module):
         """route^T y for the routing recorded in `aux` (shaped like W x, i.e. `z_shape`)."""
         return y
 
+    def route_held(self, z: Tensor, aux: object) -> Tensor:
+        """The routing recorded in `aux` (by `route` at another input) applied to z: the
+        switches held, as a sample-and-hold of the pooling choice would (identity by default)."""
+        return z
+
+    def forward_held(self, x: Tensor, aux: object) -> Tensor:
+        """T(x) + bias with the routing of `aux` (as returned by `forward`) held."""
+        if aux is None:
+            return self(x)[0]
+        return self.add_bias(self.route_held(self.linear_map(x), aux[0]))
+
     def add_bias(self, y: Tensor) -> Tensor:
         b = self.bias
         return y if b is None else y + b.view(1, -1, *([1] * (y.dim() - 2)))
@@ -164,6 +175,12 @@ class ConvCoupling(Coupling):
         if not self.pool:
             return y
         return F.max_unpool2d(y, aux, 2, 2, output_size=z_shape[-2:])
+
+    def route_held(self, z: Tensor, aux: object) -> Tensor:
+        if not self.pool:
+            return z
+        idx = aux  # flat argmax positions within each (sample, channel) plane of z
+        return z.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, object]:
         if not self.pool:

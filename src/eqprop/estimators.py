@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .blocks import EnergyBlock, RelaxRecord, RelaxStats, State, relative_change, target_like
 from .precision import check_precision, low_dtype, relax_with_precision
+from .routing import held_routing
 from .solvers import minres
 from .validate import check_choice, check_nonnegative_int, check_positive, check_positive_int, check_tol
 
@@ -45,6 +46,7 @@ __all__ = ["Estimator", "ContrastEstimator", "Contrast", "EP", "ID", "BPTT", "RH
 
 VARIANTS = ("centered", "positive", "negative")
 NORMALIZE = ("sample", "batch", "none")
+POOLS = ("free", "held")  # in-block pooling routes in the second phases (eqprop.routing)
 
 
 def block_parameters(block: torch.nn.Module) -> list[Tensor]:
@@ -186,12 +188,18 @@ class ContrastEstimator(Estimator):
     how the second phases run (see eqprop.precision; 'deviation' keeps the differences
     float32-accurate) and `refine` re-relaxes the 16-bit free state that many steps the same
     way first (that refined state is the block's output).
+
+    pool: 'free' (default) lets every in-block max-pool choose its argmax anew in the second
+    phases; 'held' holds each choice at its free-equilibrium value for the second phases and
+    the parameter contrast (eqprop.routing; with a 16-bit relax_dtype it needs
+    precision='full'). Blocks without in-block pooling are unaffected.
     """
 
     T2: int = 20
     tol: float | None = None
     precision: str = "deviation"
     refine: int = 10
+    pool: str = "free"
     needs_target: ClassVar[bool] = False
 
     def validate(self) -> None:
@@ -199,6 +207,7 @@ class ContrastEstimator(Estimator):
         check_tol(self.name, self.tol)
         check_precision(self.name, self.precision)
         check_nonnegative_int(self.name, "refine", self.refine)
+        check_choice(self.name, "pool", self.pool, POOLS)
 
     def attach(self, block: EnergyBlock, u: Tensor, s: State, *, target: Tensor | None = None,
                record: RelaxRecord | None = None) -> Tensor:
@@ -225,8 +234,10 @@ class ContrastEstimator(Estimator):
         if not params:
             return grad_u, []
         weights = (-c.weights / c.denom).to(u.dtype).expand(u.shape[0])
+        held = held_routing(block, s, self.name) if self.pool == "held" else None
+        phi = block.phi if held is None else held.phi
         with torch.enable_grad():
-            diff = block.phi(c.first, u) - block.phi(c.second, u)
+            diff = phi(c.first, u) - phi(c.second, u)
             return grad_u, list(torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True))
 
     def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None) -> Contrast:
@@ -235,7 +246,11 @@ class ContrastEstimator(Estimator):
 
     # ---- helpers for subclasses --------------------------------------------------------
     def relax(self, block: EnergyBlock, u: Tensor, s: State, **kw: Any) -> tuple[State, RelaxStats]:
-        """A second phase from s (T2 steps, tolerance tol) under this estimator's precision."""
+        """A second phase from the free state s (T2 steps, tolerance tol) under this
+        estimator's precision, with the pooling routes of s held when pool='held'."""
+        held = held_routing(block, s, self.name) if self.pool == "held" else None
+        if held is not None:
+            kw["preactivations"] = held.preactivations
         return relax_with_precision(block, u, s, self.T2, self.tol, precision=self.precision, **kw)
 
     def reference(self, block: EnergyBlock, u: Tensor, s: State, stats: dict[str, RelaxStats]) -> State:

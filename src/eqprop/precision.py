@@ -106,11 +106,14 @@ class DeviationStepper:
 
 def relax_with_precision(block: EnergyBlock, u: Tensor, s0: State, T: int, tol: float | None, *,
                          nudge: Tensor | Callable[[Tensor], Tensor] | None = None, clamp: Tensor | None = None,
-                         precision: str = "deviation") -> tuple[State, RelaxStats]:
+                         precision: str = "deviation", preactivations: Callable | None = None
+                         ) -> tuple[State, RelaxStats]:
     """`block.relax` from s0 for at most T steps, with 16-bit handling `precision`.
 
     nudge: extra current on the last layer (tensor, or function of the last layer's state);
-    clamp: hold the last layer at this value (it does not relax).
+    clamp: hold the last layer at this value (it does not relax);
+    preactivations: replaces the block's own (e.g. held pooling routes, eqprop.routing); with a
+    16-bit relax_dtype only precision 'full' can take it.
     """
     check_precision(block.block_name, precision)
     check_positive_int(block.block_name, "T", T)
@@ -120,6 +123,12 @@ def relax_with_precision(block: EnergyBlock, u: Tensor, s0: State, T: int, tol: 
         s[-1] = clamp
     kw = dict(T=T, tol=tol, nudge=nudge, hold_last=clamp is not None)
     low = low_dtype(block, u)
+    if preactivations is not None:
+        if low is not None and precision != "full":
+            raise ValueError(f"{block.block_name}: these second phases replace the block's preactivations (held "
+                             f"pooling routes), which a {low} relaxation with precision={precision!r} cannot; use "
+                             f"precision='full'")
+        return block.relax(u, s, preactivations=preactivations, **kw)
     if low is None or precision == "block":
         return block.relax(u, s, **kw)
     if precision == "deviation" and supports_deviation(block):
