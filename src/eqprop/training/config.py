@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "std_factor": None,          # normalise by std_factor * std; null: 3 (CIFAR), 1.5 (ImageNet32), else 1
     "limit_train": None,         # use only the first N training / test examples (null: all)
     "limit_test": None,
-    "model": {"kind": "conv"},   # kind conv | dense | hssm; other keys go to the builder
+    "model": {"kind": "conv"},   # kind conv | dense | hssm | spiking_dense | vf_dense | mlp | dtp_dense
     "algorithm": "ep",           # any name eqprop.make_estimator knows (ep, id, bptt, ...)
     "estimator": {               # settings per algorithm; the one named by `algorithm` is used
         "ep": {"beta": 0.2, "variant": "centered", "T2": 20},
@@ -276,7 +276,8 @@ def validate(cfg: dict) -> None:
     if o["lr_min"] > o["lr"]:
         raise ConfigError(f"optim.lr_min ({o['lr_min']}) is larger than optim.lr ({o['lr']})")
     if not isinstance(cfg["model"], dict) or "kind" not in cfg["model"]:
-        raise ConfigError("config key 'model' must be a mapping with a 'kind' (conv, dense or hssm)")
+        raise ConfigError("config key 'model' must be a mapping with a 'kind' (conv, dense, hssm, spiking_dense, "
+                          "vf_dense, mlp or dtp_dense)")
     if not isinstance(cfg["algorithm"], str):
         raise ConfigError(f"config key 'algorithm' must be an estimator name, got {cfg['algorithm']!r}")
     est = cfg["estimator"].get(cfg["algorithm"], {})

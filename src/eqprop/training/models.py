@@ -68,7 +68,8 @@ def _builder(kind: str) -> Callable[..., nn.Module]:
     if kind == "vf_dense":
         from ..vector_field import dense_vf_ffebm
         return dense_vf_ffebm
-    raise ConfigError(f"config key 'model.kind' must be conv, dense, hssm, mlp, dtp_dense or vf_dense, got {kind!r}")
+    raise ConfigError(f"config key 'model.kind' must be conv, dense, hssm, spiking_dense, vf_dense, mlp or dtp_dense, "
+                      f"got {kind!r}")
 
 
 def spiking_dense_ffebm(in_features: int, blocks: list, num_classes: int = 10, activation: str = "hardsigmoid",
