@@ -1,5 +1,6 @@
 """The per-step account (eqprop.analysis.account): MACs against torch's FLOP counter and the
 analytical count of the relaxations, conversions, energy, the command and the trainer's log."""
+import dataclasses
 import json
 
 import pytest
@@ -148,3 +149,19 @@ def test_trainer_logs_the_step_account(tmp_path):
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("account_digital_macs", "account_analog_macs", "account_dac_conversions", "account_energy_uj"):
         assert rec[key] > 0, key
+
+
+def test_recorder_ignores_evaluation_and_counts_calls():
+    model = dense_model()
+    x = torch.randn(5, 12)
+    with ShapeRecorder(model) as rec:
+        with torch.no_grad():
+            model(torch.randn(9, 12))
+        assert rec.seen == {}
+        model(x)
+        model(x)
+    assert all(s.batch == 5 and s.calls == 2 for s in rec.seen.values())
+    once = account_step(model, {k: dataclasses.replace(v, calls=1) for k, v in rec.seen.items()}, {}, "adam")
+    twice = account_step(model, rec.seen, {}, "adam")
+    lin = [(a, b) for a, b in zip(once.rows, twice.rows) if a.kind == "Linear"]
+    assert lin and all(b.macs == 2 * a.macs for a, b in lin)

@@ -115,8 +115,9 @@ class Seen:
 
 
 class ShapeRecorder:
-    """Records the first forward of every unit of `model` (inputs, outputs) with forward hooks;
-    a context manager that removes its hooks on exit."""
+    """Records the first forward of every unit of `model` (inputs, outputs) with forward hooks,
+    counting its calls, under grad mode only (forwards under no_grad are evaluations); a
+    context manager that removes its hooks on exit."""
 
     def __init__(self, model: nn.Module):
         self.units = units(model)
@@ -125,6 +126,8 @@ class ShapeRecorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not torch.is_grad_enabled():
+                return  # an evaluation (e.g. of a resumed run's pending epoch), not a training step
             if name in self.seen:
                 self.seen[name].calls += 1
                 return
