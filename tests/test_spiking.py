@@ -229,3 +229,18 @@ def test_standard_estimators_run_on_a_spiking_block(name):
                 "tbp": dict(K=5)}[name]
     g = gradient(spiking, eqprop.make_estimator(name, **settings), u, y, target=name == "cl")
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_on_a_pooling_rate_block_held_routes_are_honoured():
+    """pool='held' on a block with in-block max-pooling: the local differences sum to EP's
+    estimate with the same held routes."""
+    torch.manual_seed(0)
+    block = eqprop.ConvHopfield([1, 2], pools="m", activation="sigmoid", init="kaiming", alpha=1.5, T1=200).to(DT)
+    u = torch.randn(2, 1, 4, 4, dtype=DT)
+    y = torch.rand(2, 2, 2, 2, dtype=DT)
+    estimates = {}
+    for pool in ("free", "held"):  # beta = 5 switches some routes, so the two differ (by 2%)
+        ep = gradient(block, EP(beta=5.0, variant="positive", T2=40, pool=pool), u, y)
+        estimates[pool] = gradient(block, EqSpike(beta=5.0, T2=40, pool=pool), u, y)
+        assert torch.allclose(estimates[pool], ep, rtol=1e-9, atol=1e-12), pool
+    assert not torch.allclose(estimates["free"], estimates["held"], rtol=1e-3)

@@ -47,6 +47,7 @@ from .activations import Activation, HardSigmoid, Logistic
 from .blocks import RELAX_SETTINGS, DenseHopfield, EnergyBlock, RelaxRecord, RelaxStats, State, relative_change
 from .estimators import EP, block_parameters, normalized_current, per_sample
 from .precision import low_dtype
+from .routing import held_routing
 from .validate import check_choice, check_positive, check_positive_int
 
 __all__ = ["SPIKING", "SPIKE_SETTINGS", "SpikingDenseHopfield", "EqSpike", "spike_pair_update", "stdp_window",
@@ -323,8 +324,9 @@ class EqSpike(EP):
     beta/2 ||s_L - y||^2 when the block holds the output layer and a target was given, else
     the normalised error current. On a rate-based (non-spiking) block there are no spikes:
     the rule then accumulates continual EP's local difference
-    dPhi/dtheta(s_{t+1}) - dPhi/dtheta(s_t) at every step, which sums to EP's estimate.
-    Blocks with a 16-bit `relax_dtype` are refused.
+    dPhi/dtheta(s_{t+1}) - dPhi/dtheta(s_t) at every step, which sums to EP's estimate
+    (`pool='held'` holds in-block pooling routes there as for EP; a spiking block has none).
+    Blocks with a 16-bit `relax_dtype` are refused; `precision` and `refine` only concern those.
     """
 
     variant: str = "positive"
@@ -392,16 +394,19 @@ class EqSpike(EP):
         acc = [torch.zeros_like(p) for p in params]
         prev = [s]
         weights = w.expand(u.shape[0])
+        held = held_routing(block, s, self.name) if self.pool == "held" else None
+        phi = block.phi if held is None else held.phi
 
         def callback(t: int, new: State) -> None:
             if params:
                 with torch.enable_grad():
-                    diff = block.phi(new, u) - block.phi(prev[0], u)
+                    diff = phi(new, u) - phi(prev[0], u)
                     grads = torch.autograd.grad(diff, params, grad_outputs=weights, allow_unused=True)
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a += g
             prev[0] = new
 
-        end, stats = block.relax(u, s, T=self.T2, tol=self.tol, nudge=nudge, callback=callback)
+        end, stats = block.relax(u, s, T=self.T2, tol=self.tol, nudge=nudge, callback=callback,
+                                 preactivations=None if held is None else held.preactivations)
         return acc, end[0] - s[0], stats
