@@ -165,8 +165,9 @@ def theory() -> dict:
     return out
 
 
-def report(path: Path) -> str:
-    """The Markdown tables of docs/local_learning.md from a results file."""
+def report(path: Path, stride: int = 100) -> str:
+    """The Markdown tables of docs/local_learning.md from a results file (curves every
+    `stride` steps)."""
     r = json.loads(path.read_text())
     s = r["settings"]
     lines = [f"Fashion-MNIST, {s['limit_train']} training / {s['limit_test']} test examples, {s['epochs']} epoch(s), "
@@ -179,7 +180,7 @@ def report(path: Path) -> str:
                      f"{run['train_top1']:.2f} | {run['train_time_s']:.0f} |")
     curves = [run for run in r["runs"] if run["curve"]]
     if curves:
-        steps = [p["step"] for p in curves[0]["curve"] if p["step"] % 100 == 0]
+        steps = [p["step"] for p in curves[0]["curve"] if p["step"] % stride == 0]
         lines += ["", "Angle between B and W^T (degrees) / cosine between the run's gradient estimate for the block's "
                   "forward couplings (VF-EP, or C-VF's -change/eta) and the true gradient of the asymmetric dynamics "
                   "(ID), on the 256-example probe batch, by training step:", "",
@@ -204,10 +205,11 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="/tmp/eqprop_local_learning")
     parser.add_argument("--theory", action="store_true", help="only the small-block checks")
     parser.add_argument("--report", action="store_true", help="print the Markdown tables of a results file")
+    parser.add_argument("--stride", type=int, default=100, help="--report: steps between the curve's columns")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.report:
-        print(report(Path(args.out)))
+        print(report(Path(args.out), args.stride))
         return
     if args.theory:
         THEORY.write_text(json.dumps(theory(), indent=1) + "\n")
