@@ -90,6 +90,9 @@ class ContinualEP(Estimator):
     variant:   'positive' (published C-EP), 'negative' or 'centered' (see the module)
     normalize: how the error current is normalised before nudging, as for EP
 
+    Keep eta well below beta for the one-sided variants: the weights' own drift changes the
+    states by O(eta), which they divide by beta (docs/local_learning.md measures it).
+
     Nudging is EP's: with a target, the cost 1/2 ||s_L - y||^2 (re-evaluated at every step);
     without one, the normalised error current that autograd delivers.
     """
@@ -175,11 +178,15 @@ class ContinualEP(Estimator):
                 if callback is not None:
                     callback(t + 1, update)
             previous, states = states, new
+        # one synchronisation: each phase's last relative change, and whether its state is finite
+        values = torch.stack([v for sign in signs for v in (
+            relative_change(states[sign], previous[sign]).float(),
+            torch.stack([torch.isfinite(x).all() for x in states[sign]]).all().float())]).tolist()
         stats = {}
-        for sign in signs:
-            residual = float(relative_change(states[sign], previous[sign]))
+        for k, sign in enumerate(signs):
+            residual, finite = values[2 * k], values[2 * k + 1]
             phase = "nudged+" if sign > 0 else "nudged-"
-            if not all(bool(torch.isfinite(x).all()) for x in states[sign]):
+            if not finite:
                 raise DivergenceError(f"{block.block_name}: the continual nudged phase ({phase}) diverged; lower "
                                       f"{self.name}'s eta or beta, or the learning rate")
             stats[phase] = RelaxStats(self.T2, residual, None)
