@@ -1,8 +1,9 @@
 """eqprop: feedforward-tied energy-based models trained by Equilibrium Propagation.
 
-Layers (each imports only from those before it): activations, couplings -> blocks
-(energies, relaxation, targets) -> precision -> estimators (EP, ID, BPTT, RHEL) -> rules
-(CL, CpL, TBP) -> registry (names, set_estimator) -> chain (FFEBM) -> hamiltonian ->
+Layers (each imports only from those before it): activations, couplings, devices, solvers
+-> blocks (energies, relaxation, targets) -> routing, binary, metaplastic -> precision ->
+estimators (EP, ID, BPTT, RHEL) -> rules (CL, CpL, TBP), continual, spiking -> registry
+(names, set_estimator) -> chain (FFEBM) -> vector_field, target_prop, hamiltonian ->
 testing, analysis, training, studies -> cli. docs/theory.md has the mathematics.
 """
 from .activations import Activation, HardSigmoid, Identity, Logistic, make_activation
