@@ -69,26 +69,57 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+def _traced_rank(rank: int, fn, trace_dir: str, world: int, *args) -> None:
+    """Run fn(rank, world, *args) with faulthandler dumping every thread's stack to
+    trace_dir/rank<r>.txt on SIGUSR1 (what spawn_ranks asks of a rank that hangs)."""
+    import faulthandler
+    import os
+    import signal
+    import sys
+
+    with open(os.path.join(trace_dir, f"rank{rank}.txt"), "w") as f:
+        faulthandler.register(signal.SIGUSR1, file=f, all_threads=True)
+        fn(rank, world, *args)
+    # fn has written its results and closed its process groups: leave without running the
+    # destructors of the gloo objects, which can block when the peer has already exited
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(fn, world: int, *args, timeout_s: float = 300.0) -> None:
     """Run fn(rank, world, *args) in `world` spawned processes and wait for all of them; a
-    rank that fails raises here, and processes still running after `timeout_s` are killed and
-    fail the test (a hung collective must not hang the test suite)."""
+    rank that fails raises here, and ranks still running after `timeout_s` have their stacks
+    dumped into the failure message and are killed (a hung collective must not hang the suite)."""
+    import os
+    import signal
+    import tempfile
     import time
 
     import pytest
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
+    trace_dir = tempfile.mkdtemp(prefix="eqprop-ranks-")
+    ctx = mp.start_processes(_traced_rank, args=(fn, trace_dir, world, *args), nprocs=world, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for r in alive:
+                os.kill(ctx.processes[r].pid, signal.SIGUSR1)
+            time.sleep(2.0)
+            stacks = ""
+            for r in alive:
+                path = os.path.join(trace_dir, f"rank{r}.txt")
+                stacks += f"\n--- rank {r} ---\n" + (open(path).read() if os.path.exists(path) else "(no dump)")
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
             for p in ctx.processes:
                 p.join(10)
-            pytest.fail(f"ranks {alive} of {world} still running after {timeout_s:.0f} s (killed)")
+            pytest.fail(f"ranks {alive} of {world} still running after {timeout_s:.0f} s (killed); their stacks:"
+                        f"{stacks}")
 
 
 def join_as_rank(rank: int, world: int, port: int) -> None:

@@ -709,6 +709,8 @@ class Trainer:
         return png
 
     def close(self) -> None:
+        """Leave the process group (DDP's wrapper is released first: it holds the group)."""
+        self.net = self.model
         distributed.teardown(self.dist)
 
 
