@@ -11,7 +11,7 @@ the hybrid algorithm.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -193,20 +193,29 @@ def dense_ffebm(in_features: int, blocks: Sequence[Sequence[int]], num_classes: 
                 activation: str = "hardsigmoid", slope: float = 1.0, alpha: float = 0.5,
                 estimator: str | Estimator = "ep", estimator_settings: dict | None = None, **relax) -> FFEBM:
     """Dense ff-EBM: Linear -> DenseHopfield(widths) per block, then a linear readout."""
-    check_positive_int("dense_ffebm", "in_features", in_features)
-    check_relax_settings("dense_ffebm", relax)
+    def block(widths: list[int], name: str) -> EnergyBlock:
+        return DenseHopfield(widths, activation=activation, slope=slope, alpha=alpha,
+                             estimator=make_estimator(estimator, **(estimator_settings or {})), name=name, **relax)
+    return dense_chain("dense_ffebm", block, in_features, blocks, num_classes, alpha, relax)
+
+
+def dense_chain(owner: str, make_block: Callable[[list[int], str], EnergyBlock], in_features: int,
+                blocks: Sequence[Sequence[int]], num_classes: int, alpha: float, relax: dict) -> FFEBM:
+    """The dense ff-EBM of `dense_ffebm` with blocks from make_block(widths, name): Flatten, then
+    per block a Linear into its first layer and the block, then a linear readout (weighted
+    Kaiming with `alpha`). `owner` names the builder in errors."""
+    check_positive_int(owner, "in_features", in_features)
+    check_relax_settings(owner, relax)
     if not blocks:
-        raise ValueError("dense_ffebm: at least one block (a list of layer widths) is needed")
+        raise ValueError(f"{owner}: at least one block (a list of layer widths) is needed")
     modules: list[nn.Module] = [nn.Flatten()]
     prev = in_features
     for k, widths in enumerate(blocks):
         if not isinstance(widths, (list, tuple)) or not widths:
-            raise ValueError(f"dense_ffebm: block {k} must be a non-empty list of layer widths, got {widths!r}")
+            raise ValueError(f"{owner}: block {k} must be a non-empty list of layer widths, got {widths!r}")
         ff = nn.Linear(prev, widths[0])
         init_module_(ff, "kaiming", alpha)
-        modules += [ff, DenseHopfield(widths, activation=activation, slope=slope, alpha=alpha,
-                                      estimator=make_estimator(estimator, **(estimator_settings or {})),
-                                      name=f"block{k + 1}", **relax)]
+        modules += [ff, make_block(list(widths), f"block{k + 1}")]
         prev = widths[-1]
     readout = nn.Linear(prev, num_classes)
     init_module_(readout, "kaiming", alpha)

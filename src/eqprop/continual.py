@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .blocks import DivergenceError, EnergyBlock, RelaxRecord, RelaxStats, State, relative_change, target_like
-from .estimators import NORMALIZE, VARIANTS, Estimator, loss_weights, normalized_current, per_sample
+from .blocks import DivergenceError, EnergyBlock, RelaxRecord, RelaxStats, State, relative_change
+from .estimators import NORMALIZE, VARIANTS, Estimator, ep_nudge, per_sample
 from .validate import check_choice, check_positive, check_positive_int
 
 __all__ = ["ContinualEP", "ContinualRun"]
@@ -138,17 +138,11 @@ class ContinualEP(Estimator):
         """
         u = u.detach()
         s = [x.detach() for x in s]
-        if target is not None:
-            y = target_like(block, target, s[-1], self.name)
-            w = loss_weights(delta, s[-1], y, self.name, block)
+        signed, w = ep_nudge(self.name, self.beta, self.normalize, block, s, delta.detach(), target)
 
-            def nudge(sign: int, sl: Tensor) -> Tensor:
-                return -sign * self.beta * (sl - y)
-        else:
-            delta_hat, w = normalized_current(delta.detach(), self.normalize)
-
-            def nudge(sign: int, sl: Tensor) -> Tensor:
-                return -sign * self.beta * delta_hat
+        def nudge(sign: int, sl: Tensor) -> Tensor:
+            force = signed(sign)
+            return force(sl) if callable(force) else force
 
         signs = SIGNS[self.variant]
         denom = self.beta * len(signs)

@@ -42,11 +42,25 @@ from .solvers import minres
 from .validate import check_choice, check_nonnegative_int, check_positive, check_positive_int, check_tol
 
 __all__ = ["Estimator", "ContrastEstimator", "Contrast", "EP", "ID", "BPTT", "RHEL", "VARIANTS", "NORMALIZE",
-           "error_scale", "per_sample", "normalized_current", "loss_weights", "block_parameters"]
+           "error_scale", "per_sample", "normalized_current", "loss_weights", "block_parameters", "ep_nudge"]
 
 VARIANTS = ("centered", "positive", "negative")
 NORMALIZE = ("sample", "batch", "none")
 POOLS = ("free", "held")  # in-block pooling routes in the second phases (eqprop.routing)
+
+
+def ep_nudge(owner: str, beta: float, normalize: str, block: EnergyBlock, s: State, delta: Tensor,
+             target: Tensor | None) -> tuple[Callable[[int], Tensor | Callable[[Tensor], Tensor]], Tensor]:
+    """EP's nudge of sign +1/-1 on the last layer, and the loss's per-sample weights w. With a
+    target: the force of the cost 1/2 ||s_L - y||^2, -sign beta (s_L - y), a function of the
+    last layer re-evaluated at every step; without one: -sign beta delta / |delta|, the error
+    current normalised as `normalize` says (a tensor)."""
+    if target is not None:
+        y = target_like(block, target, s[-1], owner)
+        w = loss_weights(delta, s[-1], y, owner, block)
+        return (lambda sign: (lambda sl: -sign * beta * (sl - y))), w
+    delta_hat, w = normalized_current(delta, normalize)
+    return (lambda sign: -sign * beta * delta_hat), w
 
 
 def block_parameters(block: torch.nn.Module) -> list[Tensor]:
@@ -313,17 +327,7 @@ class EP(ContrastEstimator):
 
     def contrast(self, block: EnergyBlock, u: Tensor, s: State, delta: Tensor, target: Tensor | None) -> Contrast:
         stats: dict[str, RelaxStats] = {}
-        if target is not None:
-            y, w = self.target_and_weights(block, s, delta, target)
-
-            def nudge(sign: int):
-                beta = sign * self.beta
-                return lambda sl: -beta * (sl - y)
-        else:
-            delta_hat, w = normalized_current(delta, self.normalize)
-
-            def nudge(sign: int):
-                return -sign * self.beta * delta_hat
+        nudge, w = ep_nudge(self.name, self.beta, self.normalize, block, s, delta, target)
 
         def nudged(sign: int) -> State:
             state, stats["nudged+" if sign > 0 else "nudged-"] = self.relax(block, u, s, nudge=nudge(sign))

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .activations import Activation, HardSigmoid, Logistic
 from .blocks import RELAX_SETTINGS, DenseHopfield, EnergyBlock, RelaxRecord, RelaxStats, State, relative_change
-from .estimators import EP, block_parameters, normalized_current, per_sample
+from .estimators import EP, block_parameters, ep_nudge, per_sample
 from .precision import low_dtype
 from .routing import held_routing
 from .validate import check_choice, check_positive, check_positive_int
@@ -337,17 +337,7 @@ class EqSpike(EP):
         if low_dtype(block, u) is not None:
             raise ValueError(f"{self.name} ({block.block_name}): blocks with a 16-bit relax_dtype are not "
                              f"supported; set relax_dtype to None")
-        if target is not None:
-            y, w = self.target_and_weights(block, s, delta, target)
-
-            def nudge(sign: int):
-                beta = sign * self.beta
-                return lambda sl: -beta * (sl - y)
-        else:
-            delta_hat, w = normalized_current(delta, self.normalize)
-
-            def nudge(sign: int):
-                return -sign * self.beta * delta_hat
+        nudge, w = ep_nudge(self.name, self.beta, self.normalize, block, s, delta, target)
 
         signs = {"centered": (1, -1), "positive": (1,), "negative": (-1,)}[self.variant]
         denom = 2 * self.beta if self.variant == "centered" else self.beta

@@ -33,11 +33,11 @@ from torch import Tensor, nn
 
 from .activations import Activation, Identity, make_activation
 from .blocks import ConvHopfield, EnergyBlock, State
-from .chain import FFEBM, check_relax_settings
+from .chain import FFEBM, dense_chain
 from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_
 from .estimators import Estimator
 from .registry import make_estimator
-from .validate import check_choice, check_positive_int
+from .validate import check_choice
 
 __all__ = ["VectorFieldBlock", "DenseVF", "ConvVF", "backward_angles", "model_backward_angles", "dense_vf_ffebm",
            "BACKWARD_INIT"]
@@ -197,21 +197,7 @@ def dense_vf_ffebm(in_features: int, blocks: Sequence[Sequence[int]], num_classe
                    estimator_settings: dict | None = None, **relax) -> FFEBM:
     """Like `eqprop.chain.dense_ffebm`, with `DenseVF` blocks: Linear -> DenseVF(widths) per
     block, then a linear readout."""
-    check_positive_int("dense_vf_ffebm", "in_features", in_features)
-    check_relax_settings("dense_vf_ffebm", relax)
-    if not blocks:
-        raise ValueError("dense_vf_ffebm: at least one block (a list of layer widths) is needed")
-    modules: list[nn.Module] = [nn.Flatten()]
-    prev = in_features
-    for k, widths in enumerate(blocks):
-        if not isinstance(widths, (list, tuple)) or not widths:
-            raise ValueError(f"dense_vf_ffebm: block {k} must be a non-empty list of layer widths, got {widths!r}")
-        ff = nn.Linear(prev, widths[0])
-        init_module_(ff, "kaiming", alpha)
-        modules += [ff, DenseVF(widths, activation=activation, slope=slope, alpha=alpha, backward_init=backward_init,
-                                estimator=make_estimator(estimator, **(estimator_settings or {})),
-                                name=f"block{k + 1}", **relax)]
-        prev = widths[-1]
-    readout = nn.Linear(prev, num_classes)
-    init_module_(readout, "kaiming", alpha)
-    return FFEBM(*modules, readout)
+    def block(widths: list[int], name: str) -> EnergyBlock:
+        return DenseVF(widths, activation=activation, slope=slope, alpha=alpha, backward_init=backward_init,
+                       estimator=make_estimator(estimator, **(estimator_settings or {})), name=name, **relax)
+    return dense_chain("dense_vf_ffebm", block, in_features, blocks, num_classes, alpha, relax)
