@@ -1,4 +1,4 @@
-"""`eqprop analyze`: dispatch to one analysis (gdd, splitting, rhel).
+"""`eqprop analyze`: dispatch to one analysis (gdd, splitting, rhel, fidelity).
 
 Each analysis module provides `add_arguments(parser)` and `run(args) -> int`; it is
 imported only when its analysis runs, and parses the options after the analysis name.
@@ -15,6 +15,8 @@ ANALYSES = {
     "splitting": ("eqprop.analysis.splitting",
                   "split a deep Hopfield network into blocks: equilibrium cost and gradients"),
     "rhel": ("eqprop.analysis.rhel", "Recurrent Hamiltonian Echo Learning vs BPTT"),
+    "fidelity": ("eqprop.analysis.fidelity",
+                 "EP (variants, free or held pooling) against ID and BPTT, at initialisation and checkpoints"),
 }
 
 
