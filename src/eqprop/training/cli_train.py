@@ -31,7 +31,7 @@ from .config import (
     to_yaml,
 )
 
-__all__ = ["add_arguments", "describe_configs", "resolve", "run"]
+__all__ = ["add_arguments", "command_line", "describe_configs", "resolve", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +98,13 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict | None, Path | None]:
     return resumed, state, used
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The `eqprop train` command as given (recorded in the run's run_info.json)."""
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in (("data_dir", args.data_dir), ("out_dir", args.out_dir)) if v]
+    flags += [f"--{k}" for k in ("resume", "overwrite") if getattr(args, k, False)]
+    return " ".join(["eqprop train", args.config, *args.overrides, *flags])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(describe_configs()))
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     check_out_dir(out_dir_of(cfg), resume=cfg["resume"], overwrite=args.overwrite)
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, command=command_line(args))
         try:
             if state is not None:
                 trainer.resume(path, state=state)

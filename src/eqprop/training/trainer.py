@@ -52,6 +52,7 @@ from . import distributed
 from .config import ConfigError, check_resume, to_yaml
 from .metrics import EpochTotals, MetricsLogger, plot_curves, read_metrics
 from .models import DTYPES, build_model, model_inputs, relax_health, relax_summary
+from .runinfo import RUN_INFO, record_session
 
 __all__ = ["AUTOCAST", "OBJECTIVES", "RUN_FILES", "CrossEntropy", "Objective", "Schedule", "SquaredError", "Trainer",
            "TrainingError", "check_out_dir", "make_optimizer", "make_scheduler", "progress_bar", "seed_everything"]
@@ -60,7 +61,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
 # the files that make a folder hold a run, and the other files a run writes there
 DATA_RECORD = "data_files.json"  # the data files the run read (path, size, checksum of the head)
-RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name, DATA_RECORD)
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, ckpt_io.previous_path(CHECKPOINT).name, DATA_RECORD, RUN_INFO)
 OUTPUT_FILES = ("curves.png",)
 PROBE = "write-test"  # check_out_dir's temporary file
 # failures of a step or an evaluation that are reported with where they happened
@@ -251,7 +252,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: dict, train_set=None, test_set=None, echo: Callable[[str], None] = print,
-                 on_step: Callable[[Trainer], None] | None = None, objective: Objective | None = None):
+                 on_step: Callable[[Trainer], None] | None = None, objective: Objective | None = None,
+                 command: str | None = None):
         if objective is not None and not isinstance(objective, Objective):
             raise TypeError(f"Trainer: objective must be an eqprop.training.trainer.Objective, got "
                             f"{type(objective).__name__}")
@@ -266,6 +268,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = cfg["tf32"]
             torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
         self.echo = echo if self.dist.is_main else (lambda _msg: None)
+        self.command = command  # recorded in run_info.json (None: the process's command line)
         self.on_step = on_step
         self.out_dir = Path(cfg["out_dir"] or Path("runs") / str(cfg["name"]))
         self.ckpt_path = self.out_dir / CHECKPOINT
@@ -605,6 +608,8 @@ class Trainer:
                     events.unlink(missing_ok=True)
             ckpt_io.write_text_atomic(out / "config.yaml", to_yaml(self.cfg))
             write_data_record(out / DATA_RECORD, self.train_set, self.test_set)
+            record_session(out, fresh=not self.resumed, start_epoch=self.epoch, device=self.device,
+                           world_size=self.dist.world_size, command=self.command)
             return MetricsLogger(out, self.cfg["tensorboard"], fresh=not self.resumed, keep_through=self.epoch)
         except OSError as e:
             raise _unwritable(out, e) from None
