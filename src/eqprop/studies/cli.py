@@ -6,6 +6,7 @@
     eqprop study precision --rule cep --dtypes bfloat16 float16 --steps 3
     eqprop study hardware --only read_noise,adc_bits          # analog non-idealities, EP and BPTT
     eqprop study continual tasks=5 metas=[0,1,2] --seeds 0 1     # forgetting of binarized networks
+    eqprop study local --limit-train 10000 --seeds 0 1 2       # local rules: C-EP, VF-EP, EqSpike, DTP ...
 
 Overrides are trainer config keys (`eqprop train` ones): epochs, optim.lr, limit_train,
 relax_dtype, model.T1, and each rule's settings under estimator.<rule> (estimator.cep.beta);
@@ -23,16 +24,18 @@ from ..training.config import ConfigError
 from ..training.trainer import TrainingError
 from .algorithms import ALL_RULES, DEFAULT_CONFIG, load_data, run_study, study_config, write_report
 from .hardware import add_arguments as hardware_arguments
+from .local import add_arguments as local_arguments
 from .precision import precision_study
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", choices=["algorithms", "precision", "continual", "hardware"],
+    parser.add_argument("study", choices=["algorithms", "precision", "continual", "hardware", "local"],
                         help="algorithms: train with every rule; precision: 16-bit relaxation against float32; "
                              "continual: task sequences, binarized networks with metaplasticity; "
-                             "hardware: accuracy under analog device non-idealities (EP and BPTT)")
+                             "hardware: accuracy under analog device non-idealities (EP and BPTT); "
+                             "local: EP, C-EP, VF-EP, C-VF, EqSpike, DTP, L-DRL and backprop on Fashion-MNIST")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with the trainer's keys, e.g. epochs=5 optim.lr=1e-3 "
                              "estimator.cep.beta=0.1")
@@ -57,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="precision: batch size (default: config's)")
     parser.add_argument("--steps", type=int, default=3, help="precision: timed training steps per setting")
     hardware_arguments(parser)
+    local_arguments(parser)
 
 
 def resolve(args: argparse.Namespace) -> dict:
@@ -128,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.study == "continual":
             return continual(args)
+        if args.study == "local":
+            from .local import run as local
+
+            args.rules_given = args.rules != ",".join(ALL_RULES)
+            return local(args)
         if args.study == "hardware":
             from .hardware import run as hardware
 
