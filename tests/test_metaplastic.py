@@ -191,3 +191,62 @@ def test_continual_settings_errors(item, match):
         parse_settings(item.split())
     with pytest.raises(ConfigError, match="at most 5 class pairs"):
         parse_settings(["benchmark=split", "tasks=6"])
+
+
+# ---- optim.name=metaplastic in training configs -------------------------------------------------
+
+def _trainer(tmp_path, name, *overrides):
+    from eqprop.training.trainer import Trainer
+    from test_training_helpers import synthetic_images, tiny_config
+    cfg = tiny_config(tmp_path / name, "model.binary={weights: true}", "epochs=1", "dtype=float64", "limit_train=32",
+                      *overrides)
+    return Trainer(cfg, synthetic_images(32, seed=1), synthetic_images(16, seed=2, split="test"),
+                   echo=lambda _m: None)
+
+
+def test_train_config_metaplastic_trains_and_m0_is_adam(tmp_path):
+    meta0 = _trainer(tmp_path, "m0", "optim.name=metaplastic", "optim.m=0")
+    adam = _trainer(tmp_path, "adam", "optim.name=adam")
+    meta5 = _trainer(tmp_path, "m5", "optim.name=metaplastic", "optim.m=5")
+    assert isinstance(meta5.optimizer, MetaplasticAdam)
+    hidden, rest = meta5.optimizer.param_groups
+    assert hidden["meta"] == 5 and rest["meta"] == 0
+    assert {id(p) for p in hidden["params"]} == {id(w) for w in latent_weights(meta5.model)}
+    before = {k: v.clone() for k, v in meta5.model.state_dict().items()}
+    for t in (meta0, adam, meta5):
+        assert t.fit()["status"] == "completed" and t.step == 0 and t.epoch == 1
+    s0, sa, s5 = (t.model.state_dict() for t in (meta0, adam, meta5))
+    for k in sa:
+        torch.testing.assert_close(s0[k], sa[k], rtol=0, atol=1e-12, msg=k)
+    latent = [k for k in s5 if k.endswith("original")]
+    assert latent and all(not torch.equal(s5[k], before[k]) for k in latent)  # it trained
+    assert any(not torch.allclose(s5[k], sa[k]) for k in latent)  # and m = 5 is not Adam
+
+
+def test_resume_puts_the_configs_m_into_the_hidden_group(tmp_path):
+    from eqprop.training.trainer import apply_optim_settings
+    t = _trainer(tmp_path, "r", "optim.name=metaplastic", "optim.m=1.5")
+    apply_optim_settings(t.optimizer, {**t.cfg["optim"], "m": 4.0})
+    assert [g["meta"] for g in t.optimizer.param_groups] == [4.0, 0.0]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["optim.name=metaplastic"], "'optim.m' .* must be a finite number >= 0, got None"),
+    (["optim.name=metaplastic", "optim.m=-1"], "'optim.m' .* must be a finite number >= 0, got -1"),
+    (["optim.name=metaplastic", "optim.m=.nan"], "'optim.m' .* must be a finite number >= 0"),
+    (["optim.name=metaplastic", "optim.m=true"], "'optim.m' .* must be a finite number >= 0"),
+    (["optim.m=2"], "'optim.m' applies to optim.name=metaplastic only"),
+])
+def test_train_config_metaplastic_errors(overrides, match):
+    from eqprop.training.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=match):
+        load_config("fmnist_binary_weights", overrides)
+
+
+def test_train_config_metaplastic_needs_binary_weights(tmp_path):
+    from eqprop.training.config import ConfigError
+    from eqprop.training.trainer import Trainer
+    from test_training_helpers import synthetic_images, tiny_config
+    cfg = tiny_config(tmp_path, "optim.name=metaplastic", "optim.m=1")
+    with pytest.raises(ConfigError, match=r"optim.name=metaplastic needs binary weights \(model.binary.weights"):
+        Trainer(cfg, synthetic_images(32, seed=1), synthetic_images(16, seed=2, split="test"), echo=lambda _m: None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -46,12 +47,13 @@ DEFAULTS: dict[str, Any] = {
         "bptt": {"T2": 20},
     },
     "optim": {
-        "name": "adam",          # adam | sgd
+        "name": "adam",          # adam | sgd | metaplastic (MetaplasticAdam on binary weights)
         "lr": 1.0e-4,
         "lr_min": 1.0e-6,        # cosine annealing from lr to lr_min over all epochs
         "weight_decay": 3.0e-4,
         "momentum": 0.9,         # sgd only
         "nesterov": False,       # sgd only
+        "m": None,               # metaplastic only: metaplasticity strength m >= 0 (0: Adam)
         "schedule": "cosine",    # cosine | constant
         "schedule_unit": "epoch",  # epoch | step: when the cosine schedule advances
     },
@@ -75,6 +77,8 @@ DEFAULTS: dict[str, Any] = {
     "progress": True,            # tqdm progress bars
     "tensorboard": True,         # also log to <out_dir>/tb when tensorboard is installed
     "eval_every": 1,             # evaluate on the test set every N epochs (and after the last)
+    "log_every": 50,             # every N steps: free-phase health per block to TensorBoard and the trace (0: off)
+    "monitor_fidelity": 0,       # every N steps: the estimator against ID (cosines) on a fixed training batch (0: off)
 }
 
 # model keys that are relaxation settings of the blocks (relax_dtype is a top-level key)
@@ -237,7 +241,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 
 
 CHOICES = {
-    ("optim", "name"): ("adam", "sgd"),
+    ("optim", "name"): ("adam", "sgd", "metaplastic"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("optim", "schedule_unit"): ("epoch", "step"),
     ("precision",): ("fp32", "bf16", "fp16"),
@@ -263,6 +267,10 @@ def validate(cfg: dict) -> None:
         v = cfg[key]
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"config key {key!r} must be a positive integer or null, got {v!r}")
+    for key in ("log_every", "monitor_fidelity"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"config key {key!r} must be an integer >= 0 (0: off), got {v!r}")
     v = cfg["dist_timeout_s"]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
         raise ConfigError(f"config key 'dist_timeout_s' must be a positive number of seconds, got {v!r}")
@@ -275,6 +283,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"config key 'optim.{key}' must be a number >= 0, got {v!r}")
     if o["lr_min"] > o["lr"]:
         raise ConfigError(f"optim.lr_min ({o['lr_min']}) is larger than optim.lr ({o['lr']})")
+    _check_meta_strength(o)
     if not isinstance(cfg["model"], dict) or "kind" not in cfg["model"]:
         raise ConfigError("config key 'model' must be a mapping with a 'kind' (conv, dense, hssm, spiking_dense, "
                           "vf_dense, mlp or dtp_dense)")
@@ -287,6 +296,19 @@ def validate(cfg: dict) -> None:
                 "cudnn_benchmark"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
+
+
+def _check_meta_strength(o: dict) -> None:
+    """optim.m: required (a finite number >= 0) with optim.name=metaplastic, null otherwise."""
+    m = o.get("m")
+    if o["name"] != "metaplastic":
+        if m is not None:
+            raise ConfigError(f"config key 'optim.m' applies to optim.name=metaplastic only (optim.name is "
+                              f"{o['name']!r}), got {m!r}; remove it or set it to null")
+        return
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+        raise ConfigError(f"config key 'optim.m' (the metaplasticity strength of optim.name=metaplastic) must be a "
+                          f"finite number >= 0, got {m!r}")
 
 
 class _NotSet:

@@ -46,6 +46,7 @@ from ..analysis.account import StepAccountant
 from ..blocks import DivergenceError
 from ..data import write_data_record
 from ..devices import attach_device_writes
+from ..metaplastic import MetaplasticAdam, metaplastic_groups
 from ..optional import require
 from . import checkpoint as ckpt_io
 from . import distributed
@@ -187,6 +188,24 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
+    """The optimizer `optim.name` names over `params` (a model, or an iterable of parameters).
+
+    adam / sgd: torch.optim.Adam / SGD. metaplastic: eqprop.metaplastic.MetaplasticAdam with
+    strength `optim.m` on the latent weights of the model's binary weights (model.binary) and
+    m = 0 (plain Adam) on every other parameter; it needs the model, to find those weights."""
+    if optim["name"] == "metaplastic":
+        if not isinstance(params, nn.Module):
+            raise ConfigError("optim.name=metaplastic: make_optimizer needs the model (to find its binary weights), "
+                              "got an iterable of parameters")
+        try:
+            groups = metaplastic_groups(params, optim["m"])
+        except ValueError as e:
+            raise ConfigError(f"optim.name=metaplastic needs binary weights (model.binary.weights: true): "
+                              f"{e}") from None
+        groups[0]["hidden"] = True  # the group whose meta follows optim.m (apply_optim_settings)
+        return MetaplasticAdam(groups, lr=optim["lr"], weight_decay=optim["weight_decay"])
+    if isinstance(params, nn.Module):
+        params = params.parameters()
     if optim["name"] == "adam":
         return torch.optim.Adam(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
     return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"],
@@ -195,12 +214,15 @@ def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
 
 def apply_optim_settings(optimizer: torch.optim.Optimizer, optim: dict) -> None:
     """Put the config's lr (as the schedule's start), weight_decay and, for SGD, momentum and
-    nesterov into every parameter group (after loading a checkpoint's optimizer state)."""
+    nesterov, for MetaplasticAdam m (in the group of the latent weights), into the parameter
+    groups (after loading a checkpoint's optimizer state)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = optim["lr"]
         group["weight_decay"] = optim["weight_decay"]
         if isinstance(optimizer, torch.optim.SGD):
             group["momentum"], group["nesterov"] = optim["momentum"], optim["nesterov"]
+        if isinstance(optimizer, MetaplasticAdam) and group.get("hidden", False):
+            group["meta"] = optim["m"]
 
 
 class Schedule(torch.optim.lr_scheduler.LRScheduler):
@@ -307,7 +329,7 @@ class Trainer:
         self.net: nn.Module = distributed.wrap(self.model, self.dist)
         if cfg["compile"]:
             self.net = torch.compile(self.net)
-        self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
+        self.optimizer = make_optimizer(self.model, cfg["optim"])
         # blocks with a device model: every optimizer step is a device write (eqprop.devices)
         self.device_hooks = attach_device_writes(self.optimizer, self.model)
         self.accountant = StepAccountant(self.model, self.optimizer)  # the step account, logged per epoch
