@@ -24,10 +24,12 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,16 +39,13 @@ from ..chain import relax_stats
 from ..estimators import BPTT, EP, ID, POOLS, VARIANTS, ContrastEstimator, Estimator
 from ..registry import estimator_modules, set_estimator
 from ..testing import cosine, rel_error
-from ..training import checkpoint as ckpt_io
-from ..training.config import DEFAULTS, load_config, merge
-from ..training.models import DTYPES, build_model, model_inputs
 from .common import pyplot, synthetic_images
 from .gdd import fixed_point_residual, switches
 from .splitting import DHN_L6, GOE_V, dhn_model
 
-__all__ = ["MODELS", "REFERENCE", "preserved", "gradients_of", "gradients_and_stats", "energy_parameter_names",
-           "agreement", "block_taps", "count_switches", "measure", "checkpoint_files", "plot", "markdown",
-           "add_arguments", "run"]
+__all__ = ["MODELS", "REFERENCE", "FidelityMonitor", "preserved", "gradients_of", "gradients_and_stats",
+           "energy_parameter_names", "agreement", "block_taps", "count_switches", "measure", "checkpoint_files",
+           "plot", "markdown", "add_arguments", "run"]
 
 MODELS = {
     "dhn3": "L = 6 DHN of the splitting study in 3 blocks (GOE V = 8.351e-5, slope 1, async, T1 = 60)",
@@ -67,7 +66,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
     ests = [(m, m.estimator) for m in estimator_modules(model)]
     records = [(m, m.last_relax) for m in model.modules() if isinstance(m, EnergyBlock)]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = ckpt_io.rng_state()
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     try:
         yield
     finally:
@@ -78,7 +78,11 @@ def preserved(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, v in buffers:
                 b.copy_(v)
-        ckpt_io.set_rng_state(rng)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
 
 
 def gradients_of(model: nn.Module, estimator: Estimator | None, x: Tensor, y: Tensor,
@@ -127,6 +131,38 @@ def agreement(estimate: dict[str, Tensor], reference: dict[str, Tensor], block_n
 
 def _finite(v: float) -> float | None:
     return v if v == v and abs(v) != float("inf") else None
+
+
+class FidelityMonitor:
+    """The trainer's `monitor_fidelity`: the model's own estimator against ID (MINRES, the
+    REFERENCE settings) on one fixed batch, without side effects on training (`gradients_of`).
+
+    Refuses (ValueError) a model without energy-based blocks, one whose estimator-carrying
+    modules ID cannot differentiate (Hamiltonian units), and blocks with a non-ideal device
+    model (each forward would advance the device's noise stream)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy, target: bool = False):
+        modules = estimator_modules(model)
+        if not any(isinstance(m, EnergyBlock) for m in modules):
+            raise ValueError(f"monitor_fidelity: {type(model).__name__} holds no energy-based block to compare "
+                             f"with implicit differentiation")
+        self.reference = ID(**REFERENCE)
+        for m in modules:
+            self.reference.check_applicable(m.estimator_kind, getattr(m, "block_name", type(m).__name__))
+            device = getattr(m, "device", None)
+            if device is not None and not device.ideal:
+                raise ValueError(f"monitor_fidelity: {m.block_name} has a device model; measuring would advance its "
+                                 f"noise stream and change the training run (set monitor_fidelity=0)")
+        self.model, self.x, self.y, self.loss, self.target = model, x, y, loss, target
+        self.names = energy_parameter_names(model)
+
+    def measure(self) -> dict[str, float]:
+        """{'fidelity_flat_cos': cosine over all parameters, 'fidelity_worst_tensor_cos':
+        the lowest over the energy blocks' tensors} of the current estimator against ID."""
+        ref = gradients_of(self.model, self.reference, self.x, self.y, self.loss, self.target)
+        est = gradients_of(self.model, None, self.x, self.y, self.loss, self.target)
+        a = agreement(est, ref, self.names)
+        return {"fidelity_flat_cos": a["flat_cos"], "fidelity_worst_tensor_cos": a["worst_tensor_cos"]}
 
 
 # ---- switches and the free phase -----------------------------------------------------------
@@ -234,6 +270,7 @@ def _batch(cfg: dict, index: int, batch: int, dtype: torch.dtype, data_dir: str 
     """Batch number `index` of the config's training set in file order (no shuffling), and the
     data description the model builder needs."""
     from ..data import DeviceLoader, default_std_factor, load_dataset
+    from ..training.models import model_inputs
     train = load_dataset(cfg["dataset"], "train", data_dir or cfg["data_dir"], **cfg["dataset_options"])
     std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(train.name)
     loader = DeviceLoader(train, batch, train=False, augment=False, std_factor=std, dtype=dtype,
@@ -245,6 +282,8 @@ def _batch(cfg: dict, index: int, batch: int, dtype: torch.dtype, data_dir: str 
 
 
 def _demo(seed: int, args: argparse.Namespace, dtype: torch.dtype) -> tuple[nn.Module, Tensor, Tensor, dict]:
+    from ..training.config import load_config
+    from ..training.models import build_model
     overrides = [] if args.T1 is None else [f"model.T1={args.T1}"]
     cfg = load_config("fmnist_cpu", overrides)
     x, y, info = _batch(cfg, seed, args.batch, dtype, args.data_dir)
@@ -256,10 +295,11 @@ def _demo(seed: int, args: argparse.Namespace, dtype: torch.dtype) -> tuple[nn.M
 def checkpoint_files(paths: list[str]) -> list[Path]:
     """The checkpoint files named by `paths`: files as given, run folders expanded to the
     checkpoints they hold (checkpoint.pt and the previous one kept beside it)."""
+    from ..training.checkpoint import previous_path
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = [f for f in (p / "checkpoint.pt", ckpt_io.previous_path(p / "checkpoint.pt")) if f.is_file()]
+            found = [f for f in (p / "checkpoint.pt", previous_path(p / "checkpoint.pt")) if f.is_file()]
             if not found:
                 raise ValueError(f"fidelity: --checkpoints {p}: the folder holds no checkpoint.pt")
             out += found
@@ -271,6 +311,9 @@ def checkpoint_files(paths: list[str]) -> list[Path]:
 
 
 def _checkpoint(path: Path, seed: int, args: argparse.Namespace, dtype: torch.dtype):
+    from ..training import checkpoint as ckpt_io
+    from ..training.config import DEFAULTS, merge
+    from ..training.models import build_model
     state = ckpt_io.load(path)
     cfg = merge(DEFAULTS, state["config"], allow_new=True)
     if args.T1 is not None:
@@ -423,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoints = checkpoint_files(args.checkpoints)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     result: dict = {"settings": {k: v for k, v in vars(args).items()}, "reference": dict(REFERENCE),
                     "threads": torch.get_num_threads(), "models": {}}
     swi = not args.no_switches

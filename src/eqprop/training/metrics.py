@@ -1,4 +1,9 @@
-"""Per-epoch metrics: top-k counts, a JSON-lines log, TensorBoard, and the learning-curve PNG."""
+"""Per-epoch metrics: top-k counts, a JSON-lines log, TensorBoard, and the learning-curve PNG.
+
+An epoch record may hold a `trace`: the per-step points of the trainer's monitoring (config
+keys log_every and monitor_fidelity), each {'step', 'epoch_progress', 'eq_<block>_free_*',
+'fidelity_*'}; TensorBoard gets them at their global step (`MetricsLogger.log_step`) and the
+curves' third panel draws them, so a one-epoch run shows a curve."""
 from __future__ import annotations
 
 import json
@@ -87,6 +92,15 @@ class MetricsLogger:
                     self.writer.add_scalar(key.replace("_", "/", 1), value, step)
             self.writer.flush()
 
+    def log_step(self, point: dict, step: int) -> None:
+        """One per-step point to TensorBoard (tags 'step/<key>') at global step `step`; the
+        point itself goes into the epoch's record."""
+        if self.writer is None:
+            return
+        for key, value in point.items():
+            if key not in ("step", "epoch_progress") and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"step/{key}", value, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -114,6 +128,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | None:
     """Loss and top-1 accuracy per epoch, train and test, as a PNG; None if nothing logged.
+    When the records hold equilibrium health, a third panel: the free phase's iterations per
+    block (per step from the records' traces, per-epoch means as markers) and, on a second
+    axis, the fidelity cosines of monitor_fidelity.
 
     Needs matplotlib (the ``plot`` extra): ImportError naming the extra otherwise."""
     records = read_metrics(metrics_path)
@@ -122,7 +139,9 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
     require("matplotlib", "plot", "learning-curve plots").use("Agg")
     plt = require("matplotlib.pyplot", "plot", "learning-curve plots")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    health = any(k.startswith("eq_") and k.endswith("_free_iters") for r in records for k in r) or \
+        any(r.get("trace") for r in records)
+    fig, axes = plt.subplots(1, 3 if health else 2, figsize=(15 if health else 10, 4))
     for ax, metric, label in ((axes[0], "loss", "cross-entropy"), (axes[1], "top1", "top-1 accuracy (%)")):
         for split, style in (("train", "o-"), ("test", "s-")):
             pts = [(r["epoch"], r[f"{split}_{metric}"]) for r in records if f"{split}_{metric}" in r]
@@ -132,6 +151,8 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    if health:
+        _health_panel(axes[2], records)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -139,3 +160,36 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def _health_panel(ax, records: list[dict]) -> None:
+    """Free-phase iterations per block (trace lines, epoch-mean markers at the epoch's end)
+    and the fidelity cosines on a twin axis."""
+    points = [p for r in records for p in (r.get("trace") or [])]
+    keys = sorted({k for r in records for k in r if k.startswith("eq_") and k.endswith("_free_iters")} |
+                  {k for p in points for k in p if k.startswith("eq_") and k.endswith("_free_iters")})
+    for i, key in enumerate(keys):
+        label = key[3:-len("_free_iters")]
+        pts = [(p["epoch_progress"], p[key]) for p in points if key in p]
+        if pts:
+            ax.plot(*zip(*pts), "-", color=f"C{i}", lw=1, label=f"{label} (per step)")
+        means = [(r["epoch"], r[key]) for r in records if key in r]
+        if means:
+            ax.plot(*zip(*means), "o", color=f"C{i}", label=f"{label} (epoch mean)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("free-phase iterations")
+    ax.grid(alpha=0.3)
+    lines, labels = ax.get_legend_handles_labels()
+    fid = [(k, [(p["epoch_progress"], p[k]) for p in points if k in p])
+           for k in ("fidelity_flat_cos", "fidelity_worst_tensor_cos")]
+    fid = [(k, pts) for k, pts in fid if pts]
+    if fid:
+        twin = ax.twinx()
+        for (key, pts), style in zip(fid, ("k.-", "k.--")):
+            twin.plot(*zip(*pts), style, lw=1, label=key.replace("fidelity_", "EP vs ID: ").replace("_", " "))
+        twin.set_ylabel("cosine with ID")
+        more, more_labels = twin.get_legend_handles_labels()
+        lines, labels = lines + more, labels + more_labels
+    if lines:
+        ax.legend(lines, labels, fontsize=7)
+    ax.set_title("equilibrium health", fontsize=10)

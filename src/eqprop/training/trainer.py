@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis.account import StepAccountant
+from ..analysis.fidelity import FidelityMonitor
 from ..blocks import DivergenceError
 from ..data import write_data_record
 from ..devices import attach_device_writes
@@ -333,6 +334,8 @@ class Trainer:
         # blocks with a device model: every optimizer step is a device write (eqprop.devices)
         self.device_hooks = attach_device_writes(self.optimizer, self.model)
         self.accountant = StepAccountant(self.model, self.optimizer)  # the step account, logged per epoch
+        self.monitor = self._fidelity_monitor()  # monitor_fidelity: the estimator against ID on a fixed batch
+        self.metrics_logger: MetricsLogger | None = None  # the open log of `fit` (per-step TensorBoard points)
         self.scheduler = make_scheduler(self.optimizer, cfg["optim"], cfg["epochs"], len(self.train_loader))
         self.autocast = AUTOCAST.get(cfg["precision"])  # energy-based blocks switch it off themselves
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg["precision"] == "fp16" else None
@@ -354,6 +357,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt_io.rng_state(),
+            "devices": ckpt_io.device_rng_state(self.model),  # the analog devices' noise generators
             "position": {"epoch": self.epoch, "step": self.step},
             "partial": None if self.partial is None else self.partial.cpu(),
             "pending": self.pending,
@@ -405,6 +409,8 @@ class Trainer:
                 raise ckpt_io.CheckpointError(f"checkpoint {path}: the gradient scaler state cannot be restored "
                                               f"({_cause(e)})") from None
         ckpt_io.set_rng_state(state["rng"], path)
+        for note in ckpt_io.restore_device_state(self.model, state, path):
+            self.echo(note)
         self.epoch, self.step = int(state["position"]["epoch"]), int(state["position"]["step"])
         if self.step > len(self.train_loader):
             raise ckpt_io.CheckpointError(f"checkpoint {path}: position step {self.step} is beyond the "
@@ -515,6 +521,7 @@ class Trainer:
                            desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}")
         every = 1 if self.device.type == "cpu" else 10
         data_time, relax_sums, health_sums, relax_n, t0 = 0.0, {}, {}, 0, time.perf_counter()
+        trace: list[dict] = []  # per-step points: free-phase health (log_every) and fidelity (monitor_fidelity)
         run_loss = run_correct = run_n = 0.0
         try:
             while True:
@@ -534,10 +541,12 @@ class Trainer:
                     self.scheduler.step()
                 for phase, iters in relax_summary(self.model).items():
                     relax_sums[phase] = relax_sums.get(phase, 0.0) + iters
-                for key, value in relax_health(self.model).items():
+                health = relax_health(self.model)
+                for key, value in health.items():
                     health_sums[key] = health_sums.get(key, 0.0) + value
                 relax_n += 1
                 self.accountant.after_step()
+                self._monitor_step(health, trace)
                 if self.on_step is not None:
                     self.on_step(self)
                 bar.update(1)
@@ -559,6 +568,7 @@ class Trainer:
         # equilibrium health per block and phase: mean iterations and last relative change, and the
         # fraction of steps whose phase met its tolerance (this rank's steps since the epoch (re)started)
         out.update({k: v / max(relax_n, 1) for k, v in health_sums.items()})
+        out.update(trace_summary(trace))
         out.update({"train_time_s": elapsed, "data_share": data_time / max(elapsed, 1e-12)})
         out.update(self.accountant.epoch_totals())  # account_*: the mean step's MACs, bytes, conversions, energy
         self.partial = None
@@ -581,6 +591,40 @@ class Trainer:
         out = {f"test_{k}": v for k, v in totals.values().items() if k != "count"}
         out["eval_time_s"] = time.perf_counter() - t0
         return out
+
+    # ---- monitoring: per-step equilibrium health and gradient fidelity ----------------------
+    def _fidelity_monitor(self) -> FidelityMonitor | None:
+        """The monitor of `monitor_fidelity` on the first training batch of epoch 0 (the
+        loader draws its order from its own generator: no RNG stream moves), or None."""
+        if not self.cfg.get("monitor_fidelity"):
+            return None
+        x, y = next(iter(self.train_loader))
+        try:
+            return FidelityMonitor(self.model, x, y, self.objective.loss, self.objective.target_in_forward)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _monitor_step(self, health: dict[str, float], trace: list[dict]) -> None:
+        """After a step: every `log_every` steps the free phase's health per block, every
+        `monitor_fidelity` steps the estimator-vs-ID cosines (measured without side effects on
+        training), appended to the epoch's trace and written to TensorBoard at the global step."""
+        log_every, every = self.cfg.get("log_every", 0), self.cfg.get("monitor_fidelity", 0)
+        n = len(self.train_loader)
+        step = self.epoch * n + self.step
+        point: dict = {}
+        if log_every and step % log_every == 0:
+            point.update({k: v for k, v in health.items() if "_free_" in k})
+        if every and step % every == 0 and self.monitor is not None:
+            try:
+                point.update(self.monitor.measure())
+            except (DivergenceError, *STEP_ERRORS) as e:
+                raise TrainingError(f"monitor_fidelity failed at epoch {self.epoch + 1}, step {self.step}: "
+                                    f"{_cause(e)}. {self._kept()}") from e
+        if point:
+            point = {"step": step, "epoch_progress": self.epoch + self.step / n, **point}
+            trace.append(point)
+            if self.metrics_logger is not None:
+                self.metrics_logger.log_step(point, step)
 
     # ---- the whole run -------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -685,6 +729,7 @@ class Trainer:
             return {**summary, "status": "already_complete"}
         self.echo(self.describe())
         logger = self._prepare_out_dir() if self.dist.is_main else None
+        self.metrics_logger = logger
         handler_set = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_set else None
         last: dict = {}
@@ -720,6 +765,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
             if logger is not None:
                 logger.close()
+            self.metrics_logger = None
         png = self._plot() if self.dist.is_main else None
         return {**summary, "status": status, "epoch": self.epoch, "step": self.step, "last": last,
                 "curves": None if png is None else str(png)}
@@ -739,6 +785,19 @@ class Trainer:
         """Leave the process group (DDP's wrapper is released first: it holds the group)."""
         self.net = self.model
         distributed.teardown(self.dist)
+
+
+def trace_summary(trace: list[dict]) -> dict:
+    """What an epoch record holds of its per-step points: the points themselves ('trace')
+    and the last measured fidelity cosines (empty when nothing was traced)."""
+    if not trace:
+        return {}
+    out: dict = {"trace": trace}
+    for key in ("fidelity_flat_cos", "fidelity_worst_tensor_cos"):
+        values = [p[key] for p in trace if key in p]
+        if values:
+            out[key] = values[-1]
+    return out
 
 
 def _format_record(r: dict, epochs: int) -> str:
