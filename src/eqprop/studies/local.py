@@ -206,7 +206,9 @@ def train_system(system: System, seed: int, s: StudySettings, data: tuple, runs_
     trainer = Trainer(cfg, *data, echo=lambda _m: None, on_step=on_step)
     record: dict = {"system": system.name, "label": system.label, "network": system.network, "seed": seed,
                     "config": system.config, "overrides": [*system.overrides, *s.extra], "algorithm": cfg["algorithm"],
-                    "init_digests": _digests(trainer.model), "out_dir": str(out_dir)}
+                    "init_digests": _digests(trainer.model), "out_dir": str(out_dir),
+                    "train_examples": trainer.train_loader.num_examples,
+                    "test_examples": trainer.test_loader.num_examples}
     try:
         steps = len(trainer.train_loader)
         state.update(every=s.curve_every or max(1, steps // 10), test=_batches(trainer.test_loader, s.curve_examples),
@@ -246,8 +248,14 @@ def run_local(s: StudySettings, data: tuple, runs_dir: Path, results: Path | Non
               command: str = "", log: Log = print) -> dict:
     """Train every (seed, system) run not done yet; the results (written to `results` after each run)."""
     s.validate()
-    for name in s.systems:  # every config resolves before anything trains
-        run_config(SYSTEMS[name], s.seeds[0], s, runs_dir / "check")
+    from ..training.models import build_model, model_inputs
+
+    for name in s.systems:  # every config resolves and builds its model before anything trains
+        cfg = run_config(SYSTEMS[name], s.seeds[0], s, runs_dir / "check")
+        try:
+            build_model(cfg, model_inputs(data[0]))
+        except (ConfigError, ValueError, TypeError) as e:
+            raise ConfigError(f"study local: system {name} ({SYSTEMS[name].config}): {e}") from None
     old = json.loads(results.read_text()) if resume and results is not None and results.exists() else {}
     keep = old.get("settings", {}) | {"systems": [], "seeds": []} == _settings_record(s) | {"systems": [], "seeds": []}
     runs = list(old.get("runs", [])) if keep else []
@@ -422,8 +430,9 @@ def plot_curves(doc: dict, path: Path, title: str) -> None:
 
 def _title(doc: dict) -> str:
     s = doc["settings"]
-    train = "60000" if s["limit_train"] is None else str(s["limit_train"])
-    test = "10000" if s["limit_test"] is None else str(s["limit_test"])
+    first = doc["runs"][0] if doc["runs"] else {}
+    train = first.get("train_examples", s["limit_train"] or "all")
+    test = first.get("test_examples", s["limit_test"] or "all")
     return (f"Fashion-MNIST, {train} training / {test} test images, {s['epochs']} epoch(s), seeds "
             f"{', '.join(str(k) for k in complete_seeds(doc)) or 'none complete'}, {s['threads']} thread(s)")
 
