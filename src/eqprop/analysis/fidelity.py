@@ -431,6 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the JSON here instead of OUT/fidelity.json")
     parser.add_argument("--figure", default=None, help="write the figure here instead of OUT/fidelity.png")
     parser.add_argument("--no-figure", action="store_true", help="skip the figure (no matplotlib needed)")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="measure nothing: write the table and the figure of an earlier run's JSON")
 
 
 def _check(args: argparse.Namespace) -> list[str]:
@@ -461,7 +463,29 @@ def _ep_settings(cfg: dict) -> tuple[int, float | None]:
     return int(ep.get("T2", 20)), ep.get("tol")
 
 
+def _replot(args: argparse.Namespace) -> int:
+    path = Path(args.replot)
+    if not path.is_file():
+        raise ValueError(f"fidelity: --replot {path}: no such file")
+    result = json.loads(path.read_text())
+    if not isinstance(result, dict) or not isinstance(result.get("models"), dict):
+        raise ValueError(f"fidelity: --replot {path}: not a fidelity JSON (no 'models')")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    (out / "fidelity.md").write_text(table + "\n")
+    print(table)
+    if not args.no_figure:
+        fig_path = Path(args.figure) if args.figure else out / "fidelity.png"
+        fig_path.parent.mkdir(parents=True, exist_ok=True)
+        plot(result, fig_path)
+        print(f"wrote {out / 'fidelity.md'}, {fig_path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        return _replot(args)
     models = _check(args)
     checkpoints = checkpoint_files(args.checkpoints)
     if args.threads:
