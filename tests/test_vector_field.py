@@ -41,6 +41,17 @@ def conv_pair():
     return vf, hop
 
 
+def conv_pool_pair(backward_init: str = "transpose"):
+    """A ConvVF block with a 2x2 max-pool after its first convolution, and the ConvHopfield
+    block with the same pools and forward weights."""
+    torch.manual_seed(0)
+    vf = ConvVF([1, 2, 2], pools="m-", activation="sigmoid", init="kaiming", alpha=1.5,
+                backward_init=backward_init, **RELAX).to(DT)
+    hop = ConvHopfield([1, 2, 2], pools="m-", activation="sigmoid", **RELAX).to(DT)
+    hop.load_state_dict({k: v for k, v in vf.state_dict().items() if not k.startswith("backward")})
+    return vf, hop
+
+
 def split(vf: VectorFieldBlock, grads: list) -> tuple[list, list]:
     """(gradients of the forward couplings' parameters, of the backward couplings' weights)."""
     names = [n for n, _ in vf.named_parameters()]
@@ -49,15 +60,17 @@ def split(vf: VectorFieldBlock, grads: list) -> tuple[list, list]:
     return fwd, bwd
 
 
-@pytest.mark.parametrize("pair", [dense_pair, conv_pair])
+@pytest.mark.parametrize("pair", [dense_pair, conv_pair, conv_pool_pair])
 def test_tied_block_is_the_hopfield_block(pair):
-    """B = W^T: the same dynamics, and VF-EP's update of W and of B is the Hopfield block's EP update."""
+    """B = W^T: the same dynamics, and VF-EP's update of W and of B is the Hopfield block's EP
+    update (with pooling too: the top-down current takes the forward map's switches, as the
+    Hopfield block's adjoint does)."""
     vf, hop = pair()
     assert max(vf.backward_angles()) < 1e-5
     u = torch.randn(2, *((3,) if isinstance(vf, DenseVF) else (1, 4, 4)), dtype=DT)
     torch.testing.assert_close(vf.relax(u)[0], hop.relax(u)[0])
     ep = EP(beta=1e-3, T2=200)
-    y = torch.rand(2, 2 if isinstance(vf, DenseVF) else 2 * 16, dtype=DT)
+    y = torch.rand(hop.relax(u)[0][-1].flatten(1).shape, dtype=DT)
 
     def loss(block):
         return lambda: 0.5 * ((block(u).flatten(1) - y) ** 2).sum()
@@ -80,6 +93,35 @@ def test_id_gives_the_gradient_of_the_asymmetric_dynamics():
     _, hop = dense_pair("random")
     u = torch.randn(2, 3, dtype=DT)
     assert rel_error(vf.relax(u)[0], hop.relax(u)[0]) > 1e-3
+
+
+def test_pooled_block_id_and_bptt_match_finite_differences():
+    """ConvVF with max-pooling and B independent of W (float64): ID and BPTT, which
+    differentiate the block's fixed-point map, give the gradient of the asymmetric dynamics
+    that central finite differences measure (parameters and input)."""
+    vf, hop = conv_pool_pair("random")
+    assert min(vf.backward_angles()) > 30
+    u = torch.randn(2, 1, 4, 4, dtype=DT)
+    assert check_estimator(vf, ID(max_iter=5000, tol=1e-13), u).rel_error < 1e-6
+    bptt = eqprop.make_estimator("bptt", T2=60)  # the free phase settles in 10 steps
+    assert check_estimator(vf, bptt, u, reference=ID(max_iter=5000, tol=1e-13)).rel_error < 1e-6
+    # the top-down current uses B, not W^T: not the Hopfield block's free state
+    assert rel_error(vf.relax(u)[0], hop.relax(u)[0]) > 1e-3
+
+
+def test_pooled_backward_update_is_the_transposed_forward_update():
+    """With pooling, K_l gets exactly W_l's update (both read at the forward map's switches)."""
+    vf, _ = conv_pool_pair("random")
+    vf.estimator = EP(beta=0.3, T2=20, variant="centered")
+    u = torch.randn(3, 1, 4, 4, dtype=DT)
+    g = gradients(lambda: (vf(u) ** 2).sum(), list(vf.parameters()))
+    fwd, bwd = split(vf, g)
+    for gw, gk in zip(fwd[0::2], bwd):
+        torch.testing.assert_close(gk, gw, rtol=0, atol=0)
+    assert all(float(gw.abs().max()) > 0 for gw in fwd[0::2])
+    with pytest.raises(ValueError, match="pool='held' needs a HopfieldBlock"):
+        vf.estimator = EP(beta=0.3, T2=20, pool="held")
+        vf(u).sum().backward()
 
 
 @settings(max_examples=5, deadline=None)
@@ -117,7 +159,7 @@ def test_angle_closes_under_weight_decay_at_the_rate_of_the_decay():
     assert all(a1 < a0 for a0, a1 in zip(angles[0], angles[-1]))
 
 
-@pytest.mark.parametrize("pair", [dense_pair, conv_pair])
+@pytest.mark.parametrize("pair", [dense_pair, conv_pair, conv_pool_pair])
 def test_continual_updates_on_the_block_tend_to_vf_ep(pair):
     """C-VF: continual EP on the vector-field block; as eta -> 0 its summed update is VF-EP's."""
     vf, _ = pair()
@@ -153,8 +195,12 @@ def test_ill_formed_blocks_raise_naming_the_coupling():
         VectorFieldBlock(fwd, [DenseCoupling(3, 4, bias=False)], acts)
     with pytest.raises(ValueError, match="backward coupling 0 is a ConvCoupling"):
         VectorFieldBlock(fwd, [ConvCoupling(3, 4, bias=False), DenseCoupling(4, 2, bias=False)], acts)
-    with pytest.raises(ValueError, match="coupling 0 pools"):
-        VectorFieldBlock([ConvCoupling(1, 2, pool=True)], [ConvCoupling(1, 2, pool=True, bias=False)], acts[:2])
+    with pytest.raises(ValueError, match="forward coupling 0 pools but the backward coupling 0 does not"):
+        VectorFieldBlock([ConvCoupling(1, 2, pool=True)], [ConvCoupling(1, 2, pool=False, bias=False)], acts[:2])
+    with pytest.raises(ValueError, match="forward coupling 0 does not pool but the backward coupling 0 does"):
+        VectorFieldBlock([ConvCoupling(1, 2)], [ConvCoupling(1, 2, pool=True, bias=False)], acts[:2])
+    with pytest.raises(ValueError, match="ConvVF: ConvHopfield: pools must have one 'm' or '-'"):
+        ConvVF([1, 2, 2], pools="m")
     with pytest.raises(ValueError, match="DenseVF: backward_init must be one of"):
         DenseVF([3, 2], backward_init="zeros")
     with pytest.raises(ValueError, match="DenseVF: widths must be positive integers"):

@@ -20,8 +20,12 @@ transpose of W_l's update (dPhi/dK_l = dPhi/dW_l). Phi is not a primitive of the
 the optimizer's weight decay (which shrinks B - W^T) change the angle between B_l and
 W_l^T; `backward_angles` measures it.
 
-Couplings with max-pooling are not supported (the routing of the top-down current would
-have to be chosen by one of the two maps).
+Couplings with 2x2 max-pooling (`ConvVF(..., pools="m-")`): the forward map chooses the
+routing. Going up, s_{l+1} sees pool(W_l s_l) + b_l as in the Hopfield block; going down, the
+top-down current is K_l^T applied to s_{l+1} un-pooled to the argmax positions of W_l s_l
+(the forward map's switches, at the current state), and the K-term of Phi is
+<s_{l+1}, K_l s_l read at those positions>. So B = W^T is still the Hopfield block with
+pooling, and K_l still gets exactly the update of W_l.
 """
 from __future__ import annotations
 
@@ -84,9 +88,10 @@ class VectorFieldBlock(EnergyBlock):
             if k.bias is not None:
                 raise ValueError(f"{name}: backward coupling {l} has a bias; the top-down current takes none "
                                  f"(build it with bias=False)")
-            if c.routed or k.routed:
-                raise ValueError(f"{name}: coupling {l} pools; vector-field blocks support couplings without "
-                                 f"routing (no max-pooling) only")
+            if c.routed != k.routed:
+                raise ValueError(f"{name}: forward coupling {l} {'pools' if c.routed else 'does not pool'} but the "
+                                 f"backward coupling {l} {'does' if k.routed else 'does not'}; build both with the "
+                                 f"same pool setting (the top-down current un-pools by the forward map's switches)")
         super().__init__(activations, **kw)
         self.couplings = nn.ModuleList(couplings)
         self.backward_couplings = nn.ModuleList(backward)
@@ -102,7 +107,8 @@ class VectorFieldBlock(EnergyBlock):
         dynamics): <s_1, u> + sum_l <s_{l+1}, W_l s_l + b_l> + <s_{l+1}, K_l s_l>."""
         out = (s[0] * u).flatten(1).sum(1)
         for l, (c, k) in enumerate(zip(self.couplings, self.backward_couplings)):
-            out = out + c.pairing(s[l], s[l + 1]) + k.pairing(s[l], s[l + 1])
+            y, aux = c(s[l])  # aux: the forward map's pooling switches (None without pooling)
+            out = out + (s[l + 1] * (y + k.forward_held(s[l], aux))).flatten(1).sum(1)
         return out
 
     def energy(self, s: State, u: Tensor) -> Tensor:
@@ -116,11 +122,20 @@ class VectorFieldBlock(EnergyBlock):
         for l in layers:
             z = u if l == 0 else self.couplings[l - 1](s[l - 1])[0]
             if l < L - 1:
-                z = z + self.backward_couplings[l].adjoint(s[l + 1], None, s[l].shape)
+                z = z + self.backward_couplings[l].adjoint(s[l + 1], self._switches(s, l), s[l].shape)
             if nudge is not None and l == L - 1:
                 z = z + nudge
             out[l] = z
         return out
+
+    def _switches(self, s: State, l: int) -> object:
+        """The pooling switches of forward coupling l at s_l (None when it does not pool): the
+        routing of the top-down current into layer l."""
+        c = self.couplings[l]
+        if not c.routed:
+            return None
+        with torch.no_grad():
+            return c(s[l])[1]
 
     def backward_angles(self) -> list[float]:
         """Per coupling, the angle in degrees between B_l and W_l^T (0: a Hopfield block)."""
@@ -172,21 +187,28 @@ class DenseVF(VectorFieldBlock):
 
 
 class ConvVF(VectorFieldBlock):
-    """Convolutional vector-field block: 3x3 convolutions without pooling, then optional dense
-    layers (like `ConvHopfield` with pools '-' only); backward_init as for `DenseVF`."""
+    """Convolutional vector-field block: 3x3 convolutions, each followed by a 2x2 max-pool
+    where `pools` has an 'm' ('-': none; default: no pooling), then optional dense layers
+    (the layers of `ConvHopfield(channels, pools, fc)`); backward_init as for `DenseVF`. With
+    pooling, the top-down current is routed by the forward map's switches (module docstring)."""
 
     def __init__(self, channels: Sequence[int], fc: Sequence[int] = (), in_size: int | tuple[int, int] | None = None,
                  activation: str | Activation = "hardsigmoid", slope: float = 1.0, last_linear: bool = False,
                  init: str = "kaiming", variance: float = 8.351e-5, alpha: float = 0.5,
-                 backward_init: str = "random", **kw):
+                 backward_init: str = "random", pools: str | None = None, **kw):
         channels, fc = list(channels), list(fc)
-        shape = ConvHopfield(channels, "-" * (len(channels) - 1), fc, in_size=in_size, activation=activation,
-                             slope=slope, last_linear=last_linear, init="default")
-        backward: list[Coupling] = [ConvCoupling(a, b, False, bias=False) for a, b in zip(channels[:-1], channels[1:])]
+        pools = "-" * (len(channels) - 1) if pools is None else pools
+        try:
+            shape = ConvHopfield(channels, pools, fc, in_size=in_size, activation=activation, slope=slope,
+                                 last_linear=last_linear, init="default")
+        except ValueError as e:
+            raise ValueError(f"ConvVF: {e}") from None
+        backward: list[Coupling] = [ConvCoupling(a, b, p == "m", bias=False)
+                                    for a, b, p in zip(channels[:-1], channels[1:], pools)]
         dense = [c for c in shape.couplings if isinstance(c, DenseCoupling)]
         backward += [DenseCoupling(c.linear.in_features, c.linear.out_features, bias=False) for c in dense]
         super().__init__(list(shape.couplings), backward, shape.activations, **kw)
-        self.channels, self.fc = channels, fc
+        self.channels, self.fc, self.pools = channels, fc, pools
         init_module_(self, init, alpha, variance)
         _init_backward(self, backward_init)
 
