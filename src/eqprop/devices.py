@@ -42,6 +42,11 @@ What each field models (all off by default; `Device()` is the ideal circuit):
   noise   'additive' or 'multiplicative' (both read and program noise)
   seed    seeds the block's generator (with the block's name), so runs are reproducible
 
+The random state of a block's device (its generator and the read-noise draw of the current
+step; drift, asymmetry and the converters keep no state of their own, the stored weights
+being parameters) is `device_state(model)`; training checkpoints save it and
+`load_device_state` restores it, so a resumed noisy run goes on with the same draws.
+
 Weight quantisation and clipping at reads use a straight-through estimator under autograd
 (BPTT and TBP differentiate through the rounded, noisy weights as if they were W).
 """
@@ -57,7 +62,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Device", "DEVICE_FIELDS", "make_device", "quantize", "fan_in_unit", "DeviceStepper", "device_blocks",
-           "attach_device_writes", "program_blocks"]
+           "attach_device_writes", "program_blocks", "device_state", "load_device_state"]
 
 NOISE_MODES = ("additive", "multiplicative")
 RESAMPLE = ("step", "relaxation")
@@ -340,3 +345,77 @@ def attach_device_writes(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
                 b.program_(old)
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+
+# ---- the random state of the devices (checkpoints) ------------------------------------------
+# A block keeps its device's generator (created from the device's seed at the first draw) and
+# the read-noise seed of the current step in the attributes `_device_gen` and
+# `_device_step_seed` (eqprop.blocks.EnergyBlock's device section); these two functions are
+# the only readers and writers of them outside the block.
+
+def _named_device_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    names = {id(m): (n or "model") for n, m in model.named_modules()}
+    return {names[id(b)]: b for b in device_blocks(model)}
+
+
+def device_state(model: torch.nn.Module) -> dict[str, dict]:
+    """The random state of every non-ideal device of `model`, by module name: the device's
+    settings, its generator's state (a byte tensor; None before the first draw) and the seed of
+    the current step's read noise (None before the first forward). Plain values and tensors
+    (safe to store in a checkpoint)."""
+    out = {}
+    for name, b in _named_device_blocks(model).items():
+        gen = getattr(b, "_device_gen", None)
+        step_seed = getattr(b, "_device_step_seed", None)
+        settings = b.device.as_dict()
+        settings["adc_range"] = list(settings["adc_range"])
+        out[name] = {"device": settings, "generator": None if gen is None else gen.get_state(),
+                     "step_seed": step_seed}
+    return out
+
+
+def load_device_state(model: torch.nn.Module, state: dict[str, dict]) -> list[str]:
+    """Restore `device_state`'s output into the non-ideal devices of `model`. A block whose
+    device settings differ from the saved ones, or that has no saved state, keeps the state
+    it has (its generator starts from its own seed); a saved block whose device is off now is
+    dropped. Returns one note per such block; a state that does not fit raises ValueError."""
+    if not isinstance(state, dict):
+        raise ValueError(f"device state: expected a mapping of block names to states, got {type(state).__name__}")
+    blocks = _named_device_blocks(model)
+    modules = {(n or "model") for n, _ in model.named_modules()}
+    notes = []
+    for name, saved in state.items():
+        if name not in modules:
+            raise ValueError(f"device state: the model has no block {name!r} (a state for another architecture)")
+        if not (isinstance(saved, dict) and {"device", "generator", "step_seed"} <= set(saved)):
+            raise ValueError(f"device state of {name}: expected a mapping with device, generator and step_seed, "
+                             f"got {saved!r}")
+        gen, step_seed = saved["generator"], saved["step_seed"]
+        if gen is not None and not (isinstance(gen, Tensor) and gen.dtype == torch.uint8 and gen.dim() == 1):
+            raise ValueError(f"device state of {name}: generator must be a byte tensor (a generator's state) or "
+                             f"None, got {gen!r}")
+        if step_seed is not None and (isinstance(step_seed, bool) or not isinstance(step_seed, int)):
+            raise ValueError(f"device state of {name}: step_seed must be an integer or None, got {step_seed!r}")
+        if name not in blocks:
+            notes.append(f"{name}: the saved device state is dropped (the block has no non-ideal device now)")
+            continue
+        b = blocks[name]
+        now = b.device.as_dict()
+        now["adc_range"] = list(now["adc_range"])
+        if saved["device"] != now:
+            notes.append(f"{name}: device settings changed since the checkpoint; its noise draws start from the "
+                         f"new device's seed, not from the saved state")
+            continue
+        new_gen = None
+        if gen is not None:
+            new_gen = torch.Generator()
+            try:
+                new_gen.set_state(gen.cpu())
+            except RuntimeError as e:
+                raise ValueError(f"device state of {name}: generator state cannot be restored "
+                                 f"({str(e).splitlines()[0]})") from None
+        b._device_gen, b._device_step_seed = new_gen, step_seed
+    for name in blocks:
+        if name not in state:
+            notes.append(f"{name}: no saved device state; its noise draws restart from the device's seed")
+    return notes

@@ -2,9 +2,9 @@
 
 A checkpoint holds only tensors and plain Python values (dicts, lists, numbers, strings),
 so loading it can never run code (`torch.load(..., weights_only=True)`): model, optimizer
-and scheduler state, RNG states (torch, CUDA, numpy, python `random`), the position in
-training (epoch and step, the data loader's order being a function of the seed and the
-epoch) and the config.
+and scheduler state, RNG states (torch, CUDA, numpy, python `random`, and the generators of
+the blocks' analog devices, `eqprop.devices.device_state`), the position in training (epoch
+and step, the data loader's order being a function of the seed and the epoch) and the config.
 
 `save_rotating` keeps the last two checkpoints, `checkpoint.pt` and `checkpoint.prev.pt`;
 `load_latest` reads the newer one and falls back to the older one when the newer is damaged
@@ -37,9 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..devices import device_blocks, device_state, load_device_state
+
 __all__ = ["FORMAT", "REQUIRED", "TEMP_SUFFIX", "CheckpointError", "kill_point", "load", "load_latest",
            "load_model_state", "previous_path", "remove_stale_temporaries", "rng_state", "save_atomic",
-           "save_rotating", "set_rng_state", "write_text_atomic"]
+           "save_rotating", "set_rng_state", "write_text_atomic", "device_rng_state", "restore_device_state"]
 
 FORMAT = "eqprop-checkpoint/1"
 REQUIRED = ("format", "config", "model", "optimizer", "scheduler", "rng", "position")
@@ -275,6 +277,9 @@ def _check_structure(ckpt: dict, path: Path) -> None:
     partial = ckpt.get("partial")
     if partial is not None and not isinstance(partial, torch.Tensor):
         raise bad("partial", "is not a tensor")
+    devices = ckpt.get("devices")
+    if devices is not None and not (isinstance(devices, dict) and all(isinstance(v, dict) for v in devices.values())):
+        raise bad("devices", "is not a mapping of block names to device states")
 
 
 def load_latest(path: str | os.PathLike, echo=print) -> tuple[dict, Path]:
@@ -346,3 +351,30 @@ def _to_plain(x):
 
 def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- analog devices ----------------------------------------------------------------------------
+
+def device_rng_state(model: nn.Module) -> dict[str, dict]:
+    """The random state of the model's analog devices (eqprop.devices.device_state): what a
+    checkpoint stores under 'devices'."""
+    return device_state(model)
+
+
+def restore_device_state(model: nn.Module, ckpt: dict, path: str | os.PathLike = "checkpoint") -> list[str]:
+    """Restore a checkpoint's device state into `model`; the notes to show (blocks whose device
+    changed or has no saved state). A checkpoint from before device states were saved loads
+    with one note when the model has noisy devices: their draws restart from their seeds."""
+    saved = ckpt.get("devices")
+    if saved is None:
+        names = sorted(n or "model" for n, m in model.named_modules() if m in device_blocks(model))
+        if not names:
+            return []
+        return [f"note: checkpoint {path} holds no device state (written before it was saved): the device noise "
+                f"of {', '.join(names)} will restart from their seeds, so this run will not repeat an "
+                f"uninterrupted one draw for draw"]
+    try:
+        notes = load_device_state(model, saved)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}; the file was edited or is damaged") from None
+    return [f"note: checkpoint {path}: {n}" for n in notes]
