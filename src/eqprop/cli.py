@@ -23,7 +23,7 @@ COMMANDS = {
     "train": ("eqprop.training.cli_train", "train a model from a named config with key=value overrides"),
     "eval": ("eqprop.training.cli_eval", "evaluate a checkpoint on its test set"),
     "data": ("eqprop.data.cli", "dataset utilities (fetch, info)"),
-    "analyze": ("eqprop.analysis.cli", "analyses: gdd (static gradients), splitting, rhel"),
+    "analyze": ("eqprop.analysis.cli", "analyses: gdd (static gradients), splitting, rhel, fidelity"),
     "report": ("eqprop.training.cli_report", "a results page (markdown) written from training run folders"),
     "account": ("eqprop.analysis.account", "per-step account: MACs, memory, relaxations, conversions, energy"),
     "study": ("eqprop.studies.cli", "studies: algorithms (every learning rule, one network), precision (16-bit)"),

@@ -1,6 +1,6 @@
-"""Analyses of ff-EBMs: static gradient analysis (gdd), splitting study, RHEL checks.
+"""Analyses of ff-EBMs: static gradient analysis (gdd), splitting study, RHEL checks, gradient fidelity.
 
-Run them from the command line: `eqprop analyze gdd|splitting|rhel --help`.
+Run them from the command line: `eqprop analyze gdd|splitting|rhel|fidelity --help`.
 """
 
-__all__: list[str] = []  # the analyses are modules: eqprop.analysis.gdd, .splitting, .rhel
+__all__: list[str] = []  # the analyses are modules: eqprop.analysis.gdd, .splitting, .rhel, .fidelity
