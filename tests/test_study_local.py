@@ -194,7 +194,9 @@ def test_an_interrupted_study_is_reported_on_its_complete_seeds():
     assert local.complete_seeds(doc) == [0]
     rows = summarize(doc)
     assert [r["seeds"] for r in rows] == [[0], [0]] and rows[0]["test_error"] == 15.0
-    assert "seeds 0," in local.doc_section(doc, None)
+    text = local.doc_section(doc, None)
+    assert "seeds 0," in text and "| C-EP | 16.00 |" in text.replace("| dense ", "")
+    assert "| EP | 1 | 17.00 |" in text  # the unfinished seed's runs are listed apart
 
 
 def test_write_doc_appends_then_replaces(tmp_path):

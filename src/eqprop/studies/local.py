@@ -466,6 +466,15 @@ def doc_section(doc: dict, figure: str | None) -> str:
         for r in per_seed:
             errs = dict(zip(r["seeds"], r["test_errors"]))
             lines.append(f"| {r['label']} | " + " | ".join(_fmt(errs.get(k)) for k in seeds) + " |")
+    done = complete_seeds(doc)
+    extra = [r for r in doc["runs"] if r["seed"] not in done and "error" not in r]
+    if extra:
+        lines += ["", "Runs of seeds that not every system finished (the study was stopped); not in the table "
+                  "above:", "", "| system | seed | test error (%) | train error (%) | wall s / epoch | CPU s / epoch |",
+                  "|---|---|---|---|---|---|"]
+        for r in extra:
+            lines.append(f"| {SYSTEMS[r['system']].label} | {r['seed']} | {r['test_error']:.2f} | "
+                         f"{r['train_error']:.2f} | {r['wall_s_per_epoch']:.1f} | {r['cpu_s_per_epoch']:.1f} |")
     if figure:
         lines += ["", f"![probe test error, B-W^T angle and DTP angles along training]({figure})"]
     lines += ["", END]
