@@ -200,3 +200,26 @@ def test_standalone_block_has_no_estimator_until_given_one():
     block(u).sum().backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
     assert FFEBM(DenseHopfield([4, 3])).blocks[0].estimator == EP()
+
+
+def test_channels_last_relaxation_and_ep_gradient_match_nchw():
+    """A channels-last input keeps the relaxation channels-last (zero states included) and
+    gives the NCHW relaxation's states and EP gradients (float64)."""
+    torch.manual_seed(0)
+    block = ConvHopfield([2, 3, 4], pools="m-", fc=[5], in_size=8, init="kaiming", alpha=0.9, T1=30,
+                         estimator=EP(beta=0.1, T2=10)).double()
+    u = torch.rand(3, 2, 8, 8, dtype=torch.float64)
+    cl = u.contiguous(memory_format=torch.channels_last)
+    assert [x.is_contiguous(memory_format=torch.channels_last) for x in block.init_state(cl)[:3]] == [True] * 3
+    s_ref, _ = block.relax(u)
+    s_cl, _ = block.relax(cl)
+    assert s_cl[0].is_contiguous(memory_format=torch.channels_last) and not s_cl[0].is_contiguous()
+    for a, b in zip(s_cl, s_ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    grads = []
+    for x in (u, cl):
+        block.zero_grad()
+        (block(x) ** 2).sum().backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from eqprop import ConvCoupling, DenseCoupling
+from eqprop.couplings import unpool
 
 DT = torch.float64
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -164,3 +165,37 @@ def test_macs_and_out_shape_reject_a_lower_layer_that_does_not_fit():
         dense.macs((11,))
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         ConvCoupling(3, 4, kernel_size=2)
+
+
+@SETTINGS
+@given(conv_cases(), st.booleans())
+def test_unpool_equals_max_unpool_in_either_layout(case, channels_last):
+    """The adjoint's un-pooling by one scatter gives max_unpool2d's values, and keeps a
+    channels-last input channels-last."""
+    coupling, x = case
+    if not coupling.pool:
+        return
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    z = coupling.linear_map(x)
+    _, idx = coupling.route(z)
+    y = torch.randn(idx.shape, dtype=DT)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    got = unpool(y, idx, z.shape)
+    assert torch.equal(got, F.max_unpool2d(y, idx, 2, 2, output_size=z.shape[-2:]))
+    if channels_last and not got.is_contiguous():
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_relaxation_dtype_is_kept_through_bias_and_unpooling():
+    """Under a bfloat16 autocast the pooled map plus bias and the adjoint's un-pooling stay in
+    bfloat16 (a float32 bias or max_unpool2d would promote the state to float32)."""
+    torch.manual_seed(0)
+    c = ConvCoupling(3, 4, pool=True)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = c(x.bfloat16())
+        routed_back = c.route_adjoint(y, *aux)
+        back = c.adjoint(y, aux, x.shape)
+    assert y.dtype == routed_back.dtype == back.dtype == torch.bfloat16

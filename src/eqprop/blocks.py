@@ -65,6 +65,13 @@ def relative_change(new: State, old: State) -> Tensor:
     return torch.stack(terms).mean()
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out that way (and not also plainly contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 # ---- targets of the rules that need one (cost on the output layer, clamping) -------------
 
 _TARGETS: contextvars.ContextVar[tuple] = contextvars.ContextVar("eqprop_targets", default=())
@@ -344,7 +351,13 @@ class EnergyBlock(nn.Module):
         return s
 
     def init_state(self, u: Tensor) -> State:
-        return [u.new_zeros((u.shape[0], *shape)) for shape in self.state_shapes(tuple(u.shape[1:]))]
+        """Zero states; image-shaped layers take the memory format of an image-shaped u, so a
+        channels-last input (e.g. the trainer's `channels_last=true`) keeps every convolution,
+        pooling and un-pooling of the relaxation in that layout (no format copies per sweep)."""
+        fmt = _memory_format(u)
+        return [torch.empty((u.shape[0], *shape), dtype=u.dtype, device=u.device,
+                            memory_format=fmt if len(shape) == 3 else torch.contiguous_format).zero_()
+                for shape in self.state_shapes(tuple(u.shape[1:]))]
 
     @torch.no_grad()
     def relax(self, u: Tensor, s0: State | None = None, T: int | None = None, tol: float | None | str = "block",

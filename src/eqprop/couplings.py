@@ -76,8 +76,10 @@ class Coupling(nn.Module):
         return self.add_bias(self.route_held(self.linear_map(x), aux[0]))
 
     def add_bias(self, y: Tensor) -> Tensor:
+        """y + b, in y's dtype: under a 16-bit relaxation's autocast the bias is cast down
+        rather than promoting the state to float32 (which the next coupling would cast back)."""
         b = self.bias
-        return y if b is None else y + b.view(1, -1, *([1] * (y.dim() - 2)))
+        return y if b is None else y + b.view(1, -1, *([1] * (y.dim() - 2))).to(y.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, object]:
         """(T(x) + bias, aux) where aux is whatever `adjoint` needs (None when no routing)."""
@@ -103,6 +105,24 @@ class Coupling(nn.Module):
     def pairing(self, x: Tensor, y: Tensor) -> Tensor:
         """<y, T(x) + b> per sample, shape (batch,)."""
         return (y * self(x)[0]).flatten(1).sum(1)
+
+
+def unpool(y: Tensor, idx: Tensor, z_shape: torch.Size) -> Tensor:
+    """The adjoint of a max-pool with indices `idx` (flat positions within each H x W plane of
+    z, shape `z_shape`): y scattered to the argmax positions, zeros elsewhere. The same values
+    as `F.max_unpool2d`, by one scatter in y's dtype and memory format (max_unpool2d returns
+    float32 under CPU autocast and fills its output in the contiguous layout)."""
+    n, c, h, w = z_shape
+    if (y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+            and idx.is_contiguous(memory_format=torch.channels_last)):
+        # channels last: the (N, H, W, C) views are contiguous, scatter over the H*W positions
+        out = torch.zeros((n, h, w, c), dtype=y.dtype, device=y.device)
+        out.view(n, h * w, c).scatter_(1, idx.permute(0, 2, 3, 1).reshape(n, -1, c),
+                                       y.permute(0, 2, 3, 1).reshape(n, -1, c))
+        return out.permute(0, 3, 1, 2)
+    out = torch.zeros((n, c, h * w), dtype=y.dtype, device=y.device)
+    out.scatter_(2, idx.reshape(n, c, -1), y.reshape(n, c, -1))
+    return out.view(n, c, h, w)
 
 
 class DenseCoupling(Coupling):
@@ -174,7 +194,7 @@ class ConvCoupling(Coupling):
     def route_adjoint(self, y: Tensor, aux: object, z_shape: torch.Size) -> Tensor:
         if not self.pool:
             return y
-        return F.max_unpool2d(y, aux, 2, 2, output_size=z_shape[-2:])
+        return unpool(y, aux, z_shape)
 
     def route_held(self, z: Tensor, aux: object) -> Tensor:
         if not self.pool:
@@ -250,4 +270,4 @@ def init_module_(module: nn.Module, init: str = "kaiming", alpha: float = 0.5, v
                 weighted_kaiming_(m.weight, m.bias, alpha)
 
 
-__all__ = ["Coupling", "DenseCoupling", "ConvCoupling", "goe_", "weighted_kaiming_", "init_module_"]
+__all__ = ["Coupling", "DenseCoupling", "ConvCoupling", "unpool", "goe_", "weighted_kaiming_", "init_module_"]
