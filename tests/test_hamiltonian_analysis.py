@@ -13,7 +13,7 @@ def _args(tmp_path, *extra):
     rhel.add_arguments(parser)
     return parser.parse_args(["--hidden", "4", "--state-size", "6", "--batch", "2", "--features", "2",
                               "--num-classes", "3", "--eps-length", "12", "--eps", "1e-2", "1e-4",
-                              "--lengths", "5", "20", "--memory-lengths", "40", "160", "--repeats", "1",
+                              "--lengths", "5", "20", "--memory-lengths", "64", "256", "--repeats", "1",
                               "--threads", "1", "--dtype", "float64", "--out", str(tmp_path), *extra])
 
 
@@ -23,7 +23,7 @@ def test_analyze_rhel_writes_tables_and_measures_memory(tmp_path):
     md = (tmp_path / "rhel.md").read_text()
     assert (tmp_path / "rhel.png").stat().st_size > 10_000
     first = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")]
-    for case in ("| 0.01", "| 0.0001", "| 5", "| 20", "| 40", "| 160"):  # one row per case and kind
+    for case in ("| 0.01", "| 0.0001", "| 5", "| 20", "| 64", "| 256"):  # one row per case and kind
         assert first.count(case) == 2, (case, md)
     for kind in ("linear", "nonlinear"):
         r = res["kinds"][kind]

@@ -50,7 +50,7 @@ class HSSM(nn.Module):
                  n_blocks: int = 2, unit: str = "linear", readout: str = "mean", dropout: float = 0.0,
                  activation: str = "gelu", estimator: str | Estimator = "rhel",
                  estimator_settings: dict | None = None, scan: str = "loop", dt_min: float = 0.01,
-                 dt_max: float = 0.1):
+                 dt_max: float = 0.1, chunk: int = 32):
         super().__init__()
         for name, v in (("in_features", in_features), ("num_classes", num_classes), ("hidden", hidden),
                         ("state_size", state_size), ("n_blocks", n_blocks)):
@@ -64,7 +64,8 @@ class HSSM(nn.Module):
         self.encoder = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(
             HSSMBlock(hidden, state_size, unit, activation, dropout, estimator=estimator,
-                      estimator_settings=estimator_settings, scan=scan, dt_min=dt_min, dt_max=dt_max)
+                      estimator_settings=estimator_settings, scan=scan, dt_min=dt_min, dt_max=dt_max,
+                      chunk=chunk)
             for _ in range(n_blocks))
         self.head = nn.Linear(hidden, num_classes)
 
@@ -95,7 +96,7 @@ class HSSM(nn.Module):
 def build_hssm(**settings) -> HSSM:
     """An HSSM from a config's model settings (in_features, num_classes, hidden, state_size,
     n_blocks, unit linear|nonlinear, readout mean|last, dropout, activation, estimator
-    rhel|bptt, estimator_settings, scan loop|parallel, dt_min, dt_max)."""
+    rhel|bptt, estimator_settings, scan loop|parallel, dt_min, dt_max, chunk)."""
     allowed = set(inspect.signature(HSSM.__init__).parameters) - {"self"}
     unknown = set(settings) - allowed
     if unknown:

@@ -24,8 +24,10 @@ All of this is exact for the linear HRU (everything is quadratic in eps) and O(e
 otherwise. With normalize='sample' (the default) g is divided by its per-sample norm before
 nudging and the results multiplied back, so eps is relative, as for EP.
 
-Memory: nothing of the forward trajectory is stored and no (L x P) tensor is formed; besides
-the inputs, outputs and their gradients (all (batch, L, H)), the echo holds O(batch * P + P * H).
+Memory: nothing of the forward trajectory is stored. Besides the inputs, outputs and their
+gradients (all (batch, L, H)), the echo holds O(batch * chunk * P + P * H) with the step loop,
+whatever the length L; scan='parallel' trades O(batch * L * P) for a sequential depth of
+about 2 sqrt(L) steps.
 """
 from __future__ import annotations
 
@@ -51,13 +53,19 @@ class EchoResult:
     grad_D: Tensor
 
 
+def _blocks(unit: HRU, L: int) -> list[tuple[int, int]]:
+    """The echo's time blocks of `unit.chunk` steps, last first."""
+    return [(s, min(s + unit.chunk, L)) for s in reversed(range(0, L, unit.chunk))]
+
+
 def reverse(unit: HRU, u: Tensor, yL: Tensor, zL: Tensor) -> tuple[Tensor, Tensor]:
     """The unnudged echo: returns the initial state it reconstructs (y_0, z_0)."""
     with torch.no_grad():
         nat = unit.natural()
         y, z = yL, -zL
-        for t in reversed(range(u.shape[1])):
-            y, z, _ = unit.leapfrog(y, z, u[:, t] @ nat["B"].T, nat)
+        for s, e in ([(0, u.shape[1])] if unit.scan == "parallel" else _blocks(unit, u.shape[1])):
+            ys, zs = unit.states(y, z, u[:, s:e] @ nat["B"].T, nat, reverse=True)
+            y, z = ys[..., 0, :].clone(), zs[..., 0, :].clone()  # the block's buffers are freed
         return y, -z
 
 
@@ -73,37 +81,61 @@ def echo_error_scale(g_out: Tensor, C: Tensor, normalize: str) -> Tensor:
 def echo(unit: HRU, u: Tensor, yL: Tensor, zL: Tensor, g_out: Tensor, eps: float, normalize: str = "sample",
          need_u: bool = True) -> EchoResult:
     """The two nudged echoes for the output gradient g_out = dl/do (batch, L, H), with
-    o_t = C y_t + D u_t; see the module doc."""
+    o_t = C y_t + D u_t; see the module doc. Runs block by block (`unit.chunk` steps): one
+    matmul gives a block's input drive B u and nudges, the unit's `states` runs its steps
+    (under scan='parallel' one scan gives the whole echo first), and the parameter sums over
+    the block's steps are a few batched reductions. Nothing reads a tensor value on the host."""
     with torch.no_grad():
         nat = {k: v.detach() for k, v in unit.natural().items()}
         dt, B, C, D = nat["dt"], nat["B"], unit.C.detach(), unit.D.detach()
+        half_dt = 0.5 * dt
         scale = echo_error_scale(g_out, C, normalize)  # the nudge is eps * (C^T g_out) / scale
         col = scale.view(-1, 1) if scale.dim() else scale
         denom = col.clamp_min(torch.finfo(g_out.dtype).tiny)
-        sign = torch.tensor([1.0, -1.0], dtype=u.dtype, device=u.device).view(2, 1, 1)
-        kick = sign * eps
-        weight = sign * col  # (2, batch or 1, 1)
-        y = yL + torch.zeros_like(sign)  # (2, batch, P): the "+" and "-" echoes
+        sign = torch.ones(2, 1, 1, dtype=u.dtype, device=u.device)
+        sign[1] = -1  # the "+" and "-" echoes (filled in place: no copy from the host)
+        kick = (sign * eps / denom).unsqueeze(-2)  # (2, batch or 1, 1, 1)
+        weight = (sign * col).unsqueeze(-2)
+        w_flat = weight.expand(2, u.shape[0], 1, 1).reshape(1, -1)
+
+        def wsum(x: Tensor) -> Tensor:  # sum over echoes, batch and steps of weight * x, one matvec
+            return (w_flat @ x.expand(2, u.shape[0], *x.shape[-2:]).reshape(w_flat.shape[1], -1)).view(
+                x.shape[-2:]).sum(0)
+
+        y = yL + torch.zeros_like(sign)  # (2, batch, P)
         z = -zL + torch.zeros_like(sign)
         s_dt, s_B, s_C = torch.zeros_like(dt), torch.zeros_like(B), torch.zeros_like(C)
         s_p: dict[str, Tensor] = {}
         grad_u = g_out * D if need_u else None
-        for t in reversed(range(u.shape[1])):  # at the mirror of y_{t+1} (0-based index t)
-            go = g_out[:, t]
-            s_C += go.T @ y.mean(0)  # the mean of the two echoes is y_{t+1} up to O(eps^2)
-            z = z + kick * ((go @ C) / denom)
-            ut = u[:, t]
-            bu = ut @ B.T
-            z_in = z
-            y, z, yh = unit.leapfrog(y, z, bu, nat)  # now at the mirror of y_t
-            s_dt += (weight * (0.25 * (z_in * z_in + z * z) + unit.potential(yh, bu, nat))).sum((0, 1))
-            parts, dbu = unit.partials(yh, bu, nat)
-            for name, v in parts.items():
-                s_p[name] = s_p.get(name, 0) + (weight * v).sum((0, 1))
-            wd = (weight * dbu).sum(0)  # (batch, P): (+) minus (-), scaled
-            s_B += wd.T @ ut
+        B_u = dt[:, None] * B / (2 * eps)  # dl/du = -dt B^T (dV/dBu (+) - dV/dBu (-)) / (2 eps)
+        if unit.scan == "parallel":  # the echo's states in one scan; the sums below still go block by block
+            all_bu, all_kicks = u @ B.T, kick * (g_out @ C)
+            all_ys, all_zs = unit.states(y, z, all_bu, nat, all_kicks, reverse=True)
+        for s, e in _blocks(unit, u.shape[1]):
+            uc, gc = u[:, s:e], g_out[:, s:e]
+            if unit.scan == "parallel":
+                bu, kicks = all_bu[:, s:e], all_kicks[..., s:e, :]
+                ys, zs = all_ys[..., s:e + 1, :], all_zs[..., s:e + 1, :]
+            else:
+                bu = uc @ B.T  # (batch, k, P)
+                kicks = kick * (gc @ C)  # (2, batch, k, P)
+                ys, zs = unit.states(y, z, bu, nat, kicks, reverse=True)  # boundaries: step t runs t + 1 -> t
+            y, z = ys[..., 0, :].clone(), zs[..., 0, :].clone()  # the block's buffers are freed
+            y_in = ys[..., 1:, :]  # before each step, at the mirror of y_{t+1}
+            z_in = zs[..., 1:, :] + kicks  # after the step's nudge
+            z_out = zs[..., :-1, :]
+            y_half = torch.addcmul(y_in, half_dt, z_in)
+            # the mean of the two echoes is y_{t+1} up to O(eps^2)
+            s_C += gc.flatten(0, 1).T @ y_in.mean(0).flatten(0, 1)
+            potential, parts, dbu = unit.potential_and_partials(y_half, bu, nat)
+            energy = torch.add(potential, torch.addcmul(z_in * z_in, z_out, z_out), alpha=0.25)
+            s_dt += wsum(energy)
+            s_p = {name: s_p.get(name, 0) + wsum(v) for name, v in parts.items()}
+            wd = torch.sub(dbu[0], dbu[1]).mul_(weight[0])  # (batch, k, P): (+) minus (-), scaled
+            s_B += wd.flatten(0, 1).T @ uc.flatten(0, 1)
             if need_u:
-                grad_u[:, t] -= ((wd * dt) @ B) / (2 * eps)
+                grad_u[:, s:e] -= wd @ B_u
+            del bu, kicks, ys, zs, y_in, z_in, z_out, y_half, potential, energy, parts, dbu, wd  # free them first
         k = -1.0 / (2 * eps)
         grads = {"dt": k * s_dt, "B": k * dt[:, None] * s_B}
         grads.update({name: k * dt * v for name, v in s_p.items()})
