@@ -520,7 +520,13 @@ def doc_section(doc: dict, figure: str | None) -> str:
     failed = [r for r in doc["runs"] if "error" in r]
     if failed:
         lines += ["", "Runs that stopped (the Trainer's message):", ""]
-        lines += [f"- {SYSTEMS[r['system']].label}, seed {r['seed']}: {r['error']}" for r in failed]
+        for r in failed:
+            last = r["curve"][-1] if r.get("curve") else None
+            seen = "" if last is None or last["step"] == 0 else (
+                f" Last probe before it stopped, step {last['step']}: test error {last['test_error']:.1f}%"
+                + (", angles " + ", ".join(f"{a:.1f}" for a in last["dtp_angles_deg"]) + " degrees"
+                   if "dtp_angles_deg" in last else "") + ".")
+            lines.append(f"- {SYSTEMS[r['system']].label}, seed {r['seed']}: {r['error']}.{seen}")
     lines.append(curve_tables(doc))
     done = complete_seeds(doc)
     extra = [r for r in doc["runs"] if r["seed"] not in done and "error" not in r]
