@@ -403,19 +403,23 @@ def plot_curves(doc: dict, path: Path, title: str) -> None:
     plt = require("matplotlib.pyplot", "plot", "the local study's figure")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {"dense": "-", "mlp": "--", "ffebm": ":"}
+    seeds = complete_seeds(doc)
     for name in doc["settings"]["systems"]:
-        runs = [r for r in doc["runs"] if r["system"] == name and "error" not in r]
+        # runs that stopped are drawn up to their last probe
+        runs = [r for r in doc["runs"] if r["system"] == name and r["seed"] in seeds and r.get("curve")]
         if not runs:
             continue
         sy = SYSTEMS[name]
-        axes[0].plot(*_mean_curve(runs, lambda p: p["test_error"]), styles[sy.network], marker=".", label=sy.label)
+        label = sy.label + (" (stopped)" if any("error" in r for r in runs) else "")
+        axes[0].plot(*_mean_curve(runs, lambda p: p["test_error"]), styles[sy.network], marker=".", label=label)
         if sy.probe == "vf":
-            axes[1].plot(*_mean_curve(runs, lambda p: p["vf_angles_deg"][0][0]), marker=".", label=sy.label)
-        if sy.probe == "dtp":
-            for k in range(len(runs[0]["curve"][-1]["dtp_angles_deg"]) - 1):  # the output layer's angle is 0
+            axes[1].plot(*_mean_curve(runs, lambda p: p["vf_angles_deg"][0][0]), marker=".", label=label)
+        measured = [p for r in runs for p in r["curve"] if "dtp_angles_deg" in p]
+        if sy.probe == "dtp" and measured:
+            for k in range(len(measured[0]["dtp_angles_deg"]) - 1):  # the output layer's angle is 0
                 axes[2].plot(*_mean_curve(runs, lambda p, k=k: p["dtp_angles_deg"][k] if "dtp_angles_deg" in p
                                           else None), styles[sy.network],
-                             marker=".", label=f"{sy.label}, layer {k + 1}")
+                             marker=".", label=f"{label}, layer {k + 1}")
     for ax, name in zip(axes, ("probe test error (%)", "angle B vs W^T (deg)", "angle to backprop's update (deg)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
