@@ -57,7 +57,8 @@ def test_study_runs_every_system_and_records_the_measurements(study):
     assert list(runs) == SYSTEMS_RUN.split(",") and all(r["seed"] == 0 for r in runs.values())
     assert res["settings"]["limit_train"] == 64 and res["settings"]["epochs"] == 1
     assert all(r["train_examples"] == 64 and r["test_examples"] == 40 for r in runs.values())
-    assert json.loads((study["pub"] / "results.json").read_text()) == res
+    published = json.loads((study["pub"] / "results.json").read_text())
+    assert published == local.portable(res) and published["runs"][0]["out_dir"] == "runs/ep-seed0"
     for name, r in runs.items():
         assert "error" not in r, r.get("error")
         assert r["config"] == SYSTEMS[name].config and r["steps_per_epoch"] == 1
@@ -103,6 +104,7 @@ def test_table_figure_and_doc_section(study):
     assert "eqprop study local --systems " + SYSTEMS_RUN in text and "(figures/local_study.png)" in text
     assert "64 training / 40 test images, 1 epoch(s), seeds 0, 1 thread(s)" in text
     assert "C-EP within 1 point of EP" in text and "VF-EP within 1 point of symmetric EP" in text
+    assert str(study["out"]) not in text  # no path of the machine it ran on
 
 
 def test_report_mode_rebuilds_without_training_and_replaces_the_section(study, tmp_path, capsys):

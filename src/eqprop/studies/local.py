@@ -53,7 +53,7 @@ from ..training.trainer import Trainer, TrainingError
 
 __all__ = ["System", "SYSTEMS", "DEFAULT_SYSTEMS", "OPTIONAL_SYSTEMS", "StudySettings", "add_arguments",
            "settings_from_args", "complete_seeds", "run_config", "train_system", "run_local", "summarize",
-           "check_targets", "markdown_table", "plot_curves", "doc_section", "write_outputs", "run"]
+           "check_targets", "markdown_table", "plot_curves", "doc_section", "portable", "write_outputs", "run"]
 
 Log = Callable[[str], None]
 BEGIN = "<!-- eqprop study local: generated section, begin -->"
@@ -559,10 +559,27 @@ def write_doc(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+def portable(doc: dict) -> dict:
+    """The results with each run's folder named relative to the study's output folder
+    (`runs/<system>-seed<k>`), in its record and in its error message: what is published
+    does not depend on where the study ran."""
+    doc = json.loads(json.dumps(doc))
+    for r in doc["runs"]:
+        old = r.get("out_dir")
+        if old is None:
+            continue
+        new = f"runs/{r['system']}-seed{r['seed']}"
+        r["out_dir"] = new
+        if "error" in r:
+            r["error"] = r["error"].replace(old, new)
+    return doc
+
+
 def write_outputs(doc: dict, out: Path, json_path: Path | None = None, figure: Path | None = None,
                   doc_path: Path | None = None, log: Log = print) -> str:
     """table.md and local_study.png under `out` (and the JSON, figure and doc section where
-    asked); returns the table."""
+    asked, with portable run folders); returns the table."""
+    doc = portable(doc)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(doc)
     table = f"**{_title(doc)}**\n\n" + markdown_table(rows)
@@ -600,8 +617,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="local: also write the results JSON here")
     parser.add_argument("--figure", default=None, help="local: also write the figure here")
     parser.add_argument("--doc", default=None, help="local: write the generated section into this markdown file")
-    parser.add_argument("--report", action="store_true", help="local: rebuild the outputs from <out>/results.json "
-                                                              "(or --json) without training")
+    parser.add_argument("--report", action="store_true", help="local: rebuild the outputs without training, from "
+                                                              "--json when that file exists, else <out>/results.json")
 
 
 def settings_from_args(args: argparse.Namespace) -> StudySettings:
