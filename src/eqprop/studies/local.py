@@ -503,16 +503,17 @@ def doc_section(doc: dict, figure: str | None, report_command: str | None = None
              f"{s['curve_examples']} test images every {_every(doc)} steps. "
              "Times are per epoch with the probes taken out: wall seconds and the process's CPU seconds (on a "
              "shared machine the wall time includes waiting for a core). Errors are the last epoch's, mean ± std "
-             "over the seeds.", "", markdown_table(rows)]
+             "over the seeds; the train error is the Trainer's, over the epoch's batches as they were trained.", "",
+             markdown_table(rows)]
     lines += ["Targets of the issue on this run:", ""]
     for t in check_targets(rows):
         verdict = {True: "met", False: "not met", None: "not measured"}[t["met"]]
         lines.append(f"- {t['target']}: **{verdict}** ({t['measured']}).")
     shared = [r["label"] for r in rows if r["same_init_as_reference"] and r["system"] not in REFERENCE.values()]
     other = [r["label"] for r in rows if r["same_init_as_reference"] is False]
-    lines += ["", "Initial weights (digests in the JSON): " + (", ".join(shared) or "none")
+    lines += ["", "Initial weights (digests in the JSON): " + ("; ".join(shared) or "none")
               + " started from exactly the weights of their network's reference run (EP, BP, BP+EP ff-EBM) for "
-              "each seed" + (f"; {', '.join(other)} did not (their blocks hold other parameters)" if other else "")
+              "each seed" + (f"; not so {' and '.join(other)} (their blocks hold other parameters)" if other else "")
               + "."]
     per_seed = [r for r in rows if len(r["seeds"]) > 1]
     if per_seed:
