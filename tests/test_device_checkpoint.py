@@ -10,7 +10,7 @@ from eqprop.training.checkpoint import CheckpointError
 from eqprop.training.trainer import Trainer
 from test_training_helpers import synthetic_images, tiny_config
 
-TRAIN, TEST = synthetic_images(48, seed=1), synthetic_images(16, seed=2, split="test")
+TRAIN, TEST = synthetic_images(32, seed=1), synthetic_images(16, seed=2, split="test")
 NOISY = ("model.device={read_noise: 0.05, program_noise: 0.02, drift: 0.01, asymmetry: 0.1, g_max: 3.0, "
          "adc_bits: 6, seed: 3}")
 
@@ -29,12 +29,12 @@ def stop_at(epoch, step):
     return hook
 
 
-@pytest.mark.parametrize("resample", ["step", "relaxation"])
+@pytest.mark.parametrize("resample", ["step", pytest.param("relaxation", marks=pytest.mark.slow)])
 def test_stop_and_resume_with_a_noisy_device_is_bit_identical(tmp_path, resample):
     noisy = NOISY.replace("seed: 3", f"seed: 3, resample: {resample}")
     straight, summary = run(tiny_config(tmp_path / "a", noisy, "epochs=1"))
     cfg = tiny_config(tmp_path / "b", noisy, "epochs=1")
-    first, s1 = run(cfg, on_step=stop_at(0, 2))
+    first, s1 = run(cfg, on_step=stop_at(0, 1))
     assert s1["status"] == "interrupted"
     assert device_blocks(first.model)  # the device is on
     said: list[str] = []
@@ -49,12 +49,13 @@ def test_stop_and_resume_with_a_noisy_device_is_bit_identical(tmp_path, resample
     assert da.keys() == db.keys() and all(torch.equal(da[k]["generator"], db[k]["generator"]) for k in da)
 
 
+@pytest.mark.slow
 def test_without_the_saved_state_the_noise_restarts(tmp_path):
     """The test above can fail: dropping the saved state (an old checkpoint) changes the run,
     and the resume says so."""
     straight, _ = run(tiny_config(tmp_path / "a", NOISY, "epochs=1"))
     cfg = tiny_config(tmp_path / "b", NOISY, "epochs=1")
-    run(cfg, on_step=stop_at(0, 2))
+    run(cfg, on_step=stop_at(0, 1))
     path = tmp_path / "b" / "checkpoint.pt"
     state = checkpoint.load(path)
     assert state["devices"]
@@ -70,7 +71,7 @@ def test_without_the_saved_state_the_noise_restarts(tmp_path):
 
 def test_a_changed_device_starts_from_its_seed(tmp_path):
     cfg = tiny_config(tmp_path, NOISY, "epochs=1")
-    run(cfg, on_step=stop_at(0, 2))
+    run(cfg, on_step=stop_at(0, 1))
     said: list[str] = []
     t = Trainer(tiny_config(tmp_path, NOISY.replace("seed: 3", "seed: 4"), "epochs=1"), TRAIN, TEST, echo=said.append)
     t.resume()
@@ -100,7 +101,7 @@ def test_device_state_round_trip_and_bad_states():
 
 def test_checkpoint_with_a_damaged_device_state_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, NOISY, "epochs=1")
-    run(cfg, on_step=stop_at(0, 2))
+    run(cfg, on_step=stop_at(0, 1))
     path = tmp_path / "checkpoint.pt"
     state = checkpoint.load(path)
     state["devices"] = [1, 2]

@@ -207,20 +207,20 @@ def _trainer(tmp_path, name, *overrides):
 def test_train_config_metaplastic_trains_and_m0_is_adam(tmp_path):
     meta0 = _trainer(tmp_path, "m0", "optim.name=metaplastic", "optim.m=0")
     adam = _trainer(tmp_path, "adam", "optim.name=adam")
-    meta5 = _trainer(tmp_path, "m5", "optim.name=metaplastic", "optim.m=5")
-    assert isinstance(meta5.optimizer, MetaplasticAdam)
-    hidden, rest = meta5.optimizer.param_groups
-    assert hidden["meta"] == 5 and rest["meta"] == 0
-    assert {id(p) for p in hidden["params"]} == {id(w) for w in latent_weights(meta5.model)}
-    before = {k: v.clone() for k, v in meta5.model.state_dict().items()}
-    for t in (meta0, adam, meta5):
-        assert t.fit()["status"] == "completed" and t.step == 0 and t.epoch == 1
-    s0, sa, s5 = (t.model.state_dict() for t in (meta0, adam, meta5))
+    assert isinstance(meta0.optimizer, MetaplasticAdam) and isinstance(adam.optimizer, torch.optim.Adam)
+    hidden, rest = meta0.optimizer.param_groups
+    assert hidden["meta"] == 0 and rest["meta"] == 0
+    assert {id(p) for p in hidden["params"]} == {id(w) for w in latent_weights(meta0.model)}
+    before = {k: v.clone() for k, v in meta0.model.state_dict().items()}
+    for t in (meta0, adam):
+        assert t.fit()["status"] == "completed" and t.epoch == 1
+    s0, sa = meta0.model.state_dict(), adam.model.state_dict()
     for k in sa:
         torch.testing.assert_close(s0[k], sa[k], rtol=0, atol=1e-12, msg=k)
-    latent = [k for k in s5 if k.endswith("original")]
-    assert latent and all(not torch.equal(s5[k], before[k]) for k in latent)  # it trained
-    assert any(not torch.allclose(s5[k], sa[k]) for k in latent)  # and m = 5 is not Adam
+    latent = [k for k in s0 if k.endswith("original")]
+    assert latent and all(not torch.equal(s0[k], before[k]) for k in latent)  # it trained the latent weights
+    meta5 = _trainer(tmp_path, "m5", "optim.name=metaplastic", "optim.m=5")
+    assert [g["meta"] for g in meta5.optimizer.param_groups] == [5, 0.0]
 
 
 def test_resume_puts_the_configs_m_into_the_hidden_group(tmp_path):
