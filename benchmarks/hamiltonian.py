@@ -2,6 +2,7 @@
 formulation, in one run (docs/sequences.md, "Speed of the Hamiltonian units").
 
     .venv/bin/python benchmarks/hamiltonian.py [--lengths 128 784] [--batch 64] [--repeats 5]
+    .venv/bin/python benchmarks/hamiltonian.py --table benchmarks/results/hamiltonian.json
 
 "before" is the formulation the units had until this benchmark was written, kept below as
 plain functions on the same unit objects: the input drive u_t @ B^T multiplied inside the time
@@ -161,8 +162,9 @@ def case(kind: str, estimator: str, scan: str, L: int, args: argparse.Namespace)
     """Before and after for one unit setting: forward (eval, no autograd) or a training step
     (forward, a squared-output loss, backward)."""
     torch.manual_seed(args.seed)
-    unit = make_hru(kind, args.hidden, args.state_size, scan=scan, chunk=args.chunk,
-                    estimator=estimator if estimator != "eval" else "rhel")
+    extra = {} if args.chunk is None else {"chunk": args.chunk}
+    unit = make_hru(kind, args.hidden, args.state_size, scan=scan,
+                    estimator=estimator if estimator != "eval" else "rhel", **extra)
     u = torch.randn(args.batch, L, args.hidden)
     train = estimator != "eval"
 
@@ -183,17 +185,33 @@ def case(kind: str, estimator: str, scan: str, L: int, args: argparse.Namespace)
             "times_s": times}
 
 
+def table(result: dict) -> str:
+    """The markdown table of docs/sequences.md from a result of this benchmark."""
+    lines = ["| L | unit | pass | scan | before s | after s | before / after | parallel: loop / parallel | "
+             "max rel. diff |", "|---|---|---|---|---|---|---|---|---|"]
+    names = {"eval": "forward (no autograd)", "rhel": "RHEL step", "bptt": "BPTT step"}
+    for r in result["rows"]:
+        par = f"{r['parallel_over_loop']:.2f}" if "parallel_over_loop" in r else ""
+        lines.append(f"| {r['length']} | {r['unit']} | {names[r['estimator']]} | {r['scan']} | {r['before_s']:.3f} | "
+                     f"{r['after_s']:.3f} | {r['speedup']:.2f} | {par} | {r['max_rel_diff']:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 784])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--state-size", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=64, help="the units' chunk setting (after)")
+    parser.add_argument("--chunk", type=int, default=None, help="the units' chunk setting (default: theirs)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a result file and exit")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     torch.set_num_threads(1)
     cases = [("linear", est, "loop") for est in ("eval", "rhel", "bptt")]
     cases += [("nonlinear", est, "loop") for est in ("eval", "rhel", "bptt")]
@@ -212,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
                         and r["unit"] == "linear")
             par = next(r for r in rows if r["length"] == L and r["estimator"] == est and r["scan"] == "parallel")
             par["parallel_over_loop"] = loop["after_s"] / par["after_s"]
-    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
+    settings["chunk"] = make_hru("linear", 1, 1, **({} if args.chunk is None else {"chunk": args.chunk})).chunk
+    result = {"settings": settings,
               "threads": 1, "clock": "process CPU seconds, median of repeats, before/after alternated",
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
     print(f"wrote {args.out}")
     return 0
 

@@ -11,8 +11,10 @@ Hamiltonian  H_t(z, y) = dt * (1/2 z^2 + V(y, B u_t)), integrated by leapfrog
 
 The unit's output is o_t = C y_t + D * u_t (batch, time, H). A subclass gives the potential V through
 `natural` (its parameters after their constraints), `force` (dV/dy), `potential` (V) and
-`partials` (dV/dp for its per-channel parameters and dV/d(Bu)); the leapfrog loop, the
-switch between RHEL and BPTT and the RHEL echo (rhel.py) are shared.
+`partials` (dV/dp for its per-channel parameters and dV/d(Bu)), and may override
+`potential_and_partials` to share work between the last two; the leapfrog loop (`states`),
+the switch between RHEL and BPTT and the RHEL echo (rhel.py) are shared. The loop computes
+the input drive B u per block of `chunk` steps and reads no tensor value on the host.
 """
 from __future__ import annotations
 
@@ -257,10 +259,17 @@ class HRU(nn.Module):
         y0 = u.new_zeros(u.shape[0], self.state_size) if y0 is None else y0
         z0 = torch.zeros_like(y0) if z0 is None else z0
         B = nat["B"]
-        if self.scan == "parallel" or torch.is_grad_enabled():
+        if self.scan == "parallel":
             ys, zs = self.states(y0, z0, u @ B.T, nat)
             y, z = ys[:, -1].clone(), zs[:, -1].clone()  # not views that would keep the sequence alive
             ys = ys[:, 1:]
+            return (torch.addcmul(ys @ self.C.T, u, self.D) if readout else ys), y, z
+        if torch.is_grad_enabled():  # BPTT: stack the positions only
+            y, z, ys, half_dt = y0, z0, [], 0.5 * nat["dt"]
+            for bu in (u @ B.T).unbind(1):  # one backward node for all steps
+                y, z, _ = self.leapfrog(y, z, bu, nat, half_dt)
+                ys.append(y)
+            ys = torch.stack(ys, 1)
             return (torch.addcmul(ys @ self.C.T, u, self.D) if readout else ys), y, z
         L, K = u.shape[1], self.chunk
         seq = u.new_empty(u.shape[0], L, self.in_features if readout else self.state_size)
