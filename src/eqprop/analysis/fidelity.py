@@ -362,8 +362,8 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     init = {n: rows for n, rows in init.items() if rows}
     along = {n: [r for r in m["seeds"] if r.get("checkpoint") is not None] for n, m in result["models"].items()}
     along = {n: rows for n, rows in along.items() if rows}
-    ncols = max(len(init), 1) + (1 if along else 0)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6), squeeze=False)
+    ncols = max(len(init) + (1 if along else 0), 1)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols + (2.5 if along else 0), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], init.items()):
         keys = sorted({(r["beta"], r["variant"], r["pool"]) for r in rows}, key=lambda k: (-k[0], k[1], k[2]))
         for i, key in enumerate(keys):
@@ -388,14 +388,14 @@ def plot(result: dict, path: str | os.PathLike) -> None:
                 worst = [min(r["worst_tensor_cos"] for r in sel if r["step"] == s) for s in steps]
                 flat = [min(r["flat_cos"] for r in sel if r["step"] == s) for s in steps]
                 c = f"C{(j * len(keys) + k) % 10}"
-                tag = f"{name} b={key[0]:g} {key[1][0]} {key[2]}"
+                tag = f"{name.split('@')[0]} b={key[0]:g} {key[1]} {key[2]}"
                 ax.plot(steps, worst, "o-", color=c, label=f"{tag}: worst")
                 ax.plot(steps, flat, "s--", color=c, label=f"{tag}: all")
         ax.set_xlabel("training step")
         ax.set_ylabel("cosine with ID (lowest over seeds)")
         ax.set_title("along training", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
