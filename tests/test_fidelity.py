@@ -73,9 +73,10 @@ def test_checkpoints_of_a_run(tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["--models", "nope"], "unknown model"), (["--betas", "0"], "betas must be > 0"),
     (["--batch", "0"], "--batch must be a positive integer"), (["--models", "none"], "nothing to measure"),
-    (["--seeds", "-1"], "--seeds must be"), (["--checkpoints", "/nonexistent/x"], "no such file or folder")])
+    (["--seeds", "-1"], "--seeds must be"), (["--checkpoints", "/nonexistent/x"], "no such file or folder"),
+    (["--T1", "0"], "--T1 must be a positive integer"), (["--replot", "/nonexistent.json"], "--replot .*no such file")])
 def test_bad_options(argv, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         analyze(*argv, "--out", str(tmp_path))
 
 

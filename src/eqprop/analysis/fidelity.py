@@ -278,7 +278,7 @@ def _batch(cfg: dict, index: int, batch: int, dtype: torch.dtype, data_dir: str 
     for i, (x, y) in enumerate(loader):
         if i == index:
             return x, y, model_inputs(train)
-    raise ValueError(f"fidelity: the training set of {cfg['dataset']} holds no batch {index} of {batch}")
+    raise _bad(f"fidelity: the training set of {cfg['dataset']} holds no batch {index} of {batch}")
 
 
 def _demo(seed: int, args: argparse.Namespace, dtype: torch.dtype) -> tuple[nn.Module, Tensor, Tensor, dict]:
@@ -301,12 +301,12 @@ def checkpoint_files(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found = [f for f in (p / "checkpoint.pt", previous_path(p / "checkpoint.pt")) if f.is_file()]
             if not found:
-                raise ValueError(f"fidelity: --checkpoints {p}: the folder holds no checkpoint.pt")
+                raise _bad(f"fidelity: --checkpoints {p}: the folder holds no checkpoint.pt")
             out += found
         elif p.is_file():
             out.append(p)
         else:
-            raise ValueError(f"fidelity: --checkpoints {p}: no such file or folder")
+            raise _bad(f"fidelity: --checkpoints {p}: no such file or folder")
     return out
 
 
@@ -435,21 +435,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: write the table and the figure of an earlier run's JSON")
 
 
+def _bad(message: str) -> ValueError:
+    """A user's mistake as eqprop's ConfigError (a ValueError: `eqprop` prints it as one line).
+    Imported here: eqprop.training imports this module for its monitor."""
+    from ..training.config import ConfigError
+    return ConfigError(message)
+
+
 def _check(args: argparse.Namespace) -> list[str]:
     models = [] if args.models == ["none"] else list(args.models)
     bad = [m for m in models if m not in MODELS]
     if bad:
-        raise ValueError(f"fidelity: unknown model(s) {bad} in --models; expected some of {sorted(MODELS)} or none")
+        raise _bad(f"fidelity: unknown model(s) {bad} in --models; expected some of {sorted(MODELS)} or none")
     if not models and not args.checkpoints:
-        raise ValueError("fidelity: nothing to measure: give --models or --checkpoints")
+        raise _bad("fidelity: nothing to measure: give --models or --checkpoints")
     for key in ("batch", "width_div", "in_size", "threads", "T1", "T2", "bptt_steps"):
         v = getattr(args, key)
         if v is not None and v < 1:
-            raise ValueError(f"fidelity: --{key.replace('_', '-')} must be a positive integer, got {v}")
+            raise _bad(f"fidelity: --{key.replace('_', '-')} must be a positive integer, got {v}")
     if any(s < 0 for s in args.seeds):
-        raise ValueError(f"fidelity: --seeds must be integers >= 0, got {args.seeds}")
+        raise _bad(f"fidelity: --seeds must be integers >= 0, got {args.seeds}")
     if any(not b > 0 for b in args.betas):
-        raise ValueError(f"fidelity: --betas must be > 0, got {args.betas}")
+        raise _bad(f"fidelity: --betas must be > 0, got {args.betas}")
     return models
 
 
@@ -466,10 +473,10 @@ def _ep_settings(cfg: dict) -> tuple[int, float | None]:
 def _replot(args: argparse.Namespace) -> int:
     path = Path(args.replot)
     if not path.is_file():
-        raise ValueError(f"fidelity: --replot {path}: no such file")
+        raise _bad(f"fidelity: --replot {path}: no such file")
     result = json.loads(path.read_text())
     if not isinstance(result, dict) or not isinstance(result.get("models"), dict):
-        raise ValueError(f"fidelity: --replot {path}: not a fidelity JSON (no 'models')")
+        raise _bad(f"fidelity: --replot {path}: not a fidelity JSON (no 'models')")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
