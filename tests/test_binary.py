@@ -225,6 +225,13 @@ def test_config_builds_a_binary_model():
     cfg = load_config("fmnist_binary_weights", ["model.binary.scale=-1"])
     with pytest.raises(ConfigError, match="model.binary"):
         build_model(cfg, {"num_classes": 10, "kind": "image", "shape": (1, 28, 28)})
+    # the demo's conv architecture: binary weights in both energy-based blocks, the twin real
+    info = {"num_classes": 10, "kind": "image", "shape": (1, 28, 28)}
+    conv = build_model(load_config("fmnist_binary_conv_weights"), info)
+    twin = build_model(load_config("fmnist_binary_conv_fp"), info)
+    assert len(conv.blocks) == 2 and all(is_binary(c.core()) for b in conv.blocks for c in b.couplings)
+    assert not any(is_binary(m) for m in twin.modules())
+    assert sum(p.numel() for p in conv.parameters()) == sum(p.numel() for p in twin.parameters())
 
 
 @pytest.mark.parametrize("scale", ["init", "mean", "learned"])
