@@ -229,3 +229,11 @@ def test_splitting_command(tmp_path):
     assert one["sweep_gflop"] == [pytest.approx(2 * 2 * 2 * macs / 1e9)]
     assert "| 3 | 2+2+2 |" in (tmp_path / "splitting.md").read_text()
     assert (tmp_path / "splitting.png").stat().st_size > 10_000
+
+
+def test_a_bad_analysis_setting_is_a_one_line_user_error(tmp_path, capsys):
+    from eqprop.cli import EXIT_USER_ERROR, main
+
+    assert main(["analyze", "gdd", "--beta", "-1", "--out", str(tmp_path)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "gdd: beta must be a positive number, got -1.0" in err and "Traceback" not in err

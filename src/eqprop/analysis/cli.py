@@ -38,5 +38,13 @@ def build_parser(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.config import ConfigError
+
     parser, module = build_parser(args.analysis)
-    return int(module.run(parser.parse_args(args.options)) or 0)
+    options = parser.parse_args(args.options)
+    try:
+        return int(module.run(options) or 0)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the analyses check their settings with ValueErrors that name them
+        raise ConfigError(str(e)) from e
