@@ -1,9 +1,9 @@
 """The benchmark models, their estimators and inputs, and timing.
 
 Models (docs/theory.md; the published splitting and scaling runs): L6 = the 2-block split of
-the L = 6 DHN (T1 = 60, T2 = 20, slope 1, GOE V = 8.351e-5), L6x3 its 3-block split; L12 = the 6-block split of the
-L = 12 DHN of the scaling chains (T1 = 15, T2 = 5, slope 0.5, V = 4.9e-5). Centered EP with
-beta = 0.2 throughout. Inputs are a fixed random batch.
+the L = 6 DHN (T1 = 60, T2 = 20, slope 1, GOE V = 8.351e-5), L6x3 its 3-block split, L6x1 the
+unsplit DHN; L12 = the 6-block split of the L = 12 DHN of the scaling chains (T1 = 15, T2 = 5,
+slope 0.5, V = 4.9e-5). Centered EP with beta = 0.2 throughout. Inputs are a fixed random batch.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ __all__ = ["MODELS", "BETA", "ESTIMATORS", "build", "use_estimator", "batch", "w
 
 MODELS = {
     "L6": dict(dhn=DHN_L6, n_blocks=2, slope=1.0, variance=8.351e-5, alpha=0.5, T1=60, T2=20),
+    "L6x1": dict(dhn=DHN_L6, n_blocks=1, slope=1.0, variance=8.351e-5, alpha=0.5, T1=60, T2=20),
     "L6x3": dict(dhn=DHN_L6, n_blocks=3, slope=1.0, variance=8.351e-5, alpha=0.5, T1=60, T2=20),
     "L12": dict(dhn=DHN_L12, n_blocks=6, slope=0.5, variance=4.9e-5, alpha=0.99, T1=15, T2=5),
 }
