@@ -385,6 +385,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed_note(runs: list[dict], seeds: list[int]) -> str:
+    """' (seeds 1)' when a system's runs cover fewer than the study's complete seeds."""
+    mine = sorted({r["seed"] for r in runs})
+    return "" if mine == sorted(seeds) else f" (seed{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine))})"
+
+
 def _mean_curve(runs: list[dict], key: Callable[[dict], float | None]) -> tuple[list[float], list[float]]:
     n = min(len(r["curve"]) for r in runs)
     xs, ys = [], []
@@ -407,10 +413,12 @@ def plot_curves(doc: dict, path: Path, title: str) -> None:
     for name in doc["settings"]["systems"]:
         # runs that stopped are drawn up to their last probe
         runs = [r for r in doc["runs"] if r["system"] == name and r["seed"] in seeds and r.get("curve")]
+        finished = [r for r in runs if "error" not in r]
+        runs = finished or runs
         if not runs:
             continue
         sy = SYSTEMS[name]
-        label = sy.label + (" (stopped)" if any("error" in r for r in runs) else "")
+        label = sy.label + (" (stopped)" if not finished else "") + _seed_note(runs, seeds)
         axes[0].plot(*_mean_curve(runs, lambda p: p["test_error"]), styles[sy.network], marker=".", label=label)
         if sy.probe == "vf":
             axes[1].plot(*_mean_curve(runs, lambda p: p["vf_angles_deg"][0][0]), marker=".", label=label)
@@ -476,16 +484,17 @@ def curve_tables(doc: dict) -> str:
 
     names = [n for n in doc["settings"]["systems"] if any(r["system"] == n for r in runs)]
     steps = next((r["steps_per_epoch"] for r in runs if "steps_per_epoch" in r), "?")
+    label = {n: SYSTEMS[n].label + _seed_note([r for r in runs if r["system"] == n], seeds) for n in names}
     lines = table(f"Probe test error (%) by training step ({steps} steps per epoch):",
-                  [(SYSTEMS[n].label, mean_at(n, lambda p: p["test_error"])) for n in names])
+                  [(label[n], mean_at(n, lambda p: p["test_error"])) for n in names])
     vf = [n for n in names if SYSTEMS[n].probe == "vf"]
     dtp = [n for n in names if SYSTEMS[n].probe == "dtp"]
     if vf or dtp:
-        rows = [(f"{SYSTEMS[n].label}: B vs W^T", mean_at(n, lambda p: p["vf_angles_deg"][0][0])) for n in vf]
+        rows = [(f"{label[n]}: B vs W^T", mean_at(n, lambda p: p["vf_angles_deg"][0][0])) for n in vf]
         for n in dtp:
             layers = len(next(p for r in runs if r["system"] == n for p in r["curve"] if "dtp_angles_deg" in p)
                          ["dtp_angles_deg"]) - 1  # the output layer's angle is 0
-            rows += [(f"{SYSTEMS[n].label}: layer {k + 1} vs backprop",
+            rows += [(f"{label[n]}: layer {k + 1} vs backprop",
                       mean_at(n, lambda p, k=k: p["dtp_angles_deg"][k] if "dtp_angles_deg" in p else None))
                      for k in range(layers)]
         lines += table("Angles (degrees) by training step:", rows)
