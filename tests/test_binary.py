@@ -231,7 +231,11 @@ def test_config_builds_a_binary_model():
     twin = build_model(load_config("fmnist_binary_conv_fp"), info)
     assert len(conv.blocks) == 2 and all(is_binary(c.core()) for b in conv.blocks for c in b.couplings)
     assert not any(is_binary(m) for m in twin.modules())
-    assert sum(p.numel() for p in conv.parameters()) == sum(p.numel() for p in twin.parameters())
+    # the same weights, each binary coupling holding a latent weight and one learned scale
+    assert [c.core().parametrizations["weight"].original.shape for b in conv.blocks for c in b.couplings] == \
+        [c.core().weight.shape for b in twin.blocks for c in b.couplings]
+    n_couplings = sum(len(b.couplings) for b in conv.blocks)
+    assert sum(p.numel() for p in conv.parameters()) == sum(p.numel() for p in twin.parameters()) + n_couplings
 
 
 @pytest.mark.parametrize("scale", ["init", "mean", "learned"])
