@@ -67,6 +67,7 @@ VARIANTS = {
     "f32_tol1e-5": {"tol": 1e-5, "ep_tol": 1e-5},
     "id": {"estimator": "id"},
     "id_cl": {"layout": "channels_last", "estimator": "id"},
+    "id_cl_tol1e-5": {"layout": "channels_last", "tol": 1e-5, "estimator": "id"},
     "bf16_cl": {"layout": "channels_last", "relax_dtype": "bfloat16"},
 }
 
