@@ -49,7 +49,6 @@ def test_stop_and_resume_with_a_noisy_device_is_bit_identical(tmp_path, resample
     assert da.keys() == db.keys() and all(torch.equal(da[k]["generator"], db[k]["generator"]) for k in da)
 
 
-@pytest.mark.slow
 def test_without_the_saved_state_the_noise_restarts(tmp_path):
     """The test above can fail: dropping the saved state (an old checkpoint) changes the run,
     and the resume says so."""
