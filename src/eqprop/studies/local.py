@@ -410,7 +410,8 @@ def plot_curves(doc: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {"dense": "-", "mlp": "--", "ffebm": ":"}
     seeds = complete_seeds(doc)
-    for name in doc["settings"]["systems"]:
+    for i, name in enumerate(doc["settings"]["systems"]):
+        color = plt.cm.tab20(i % 20)  # one colour per system (the default cycle repeats after 10)
         # runs that stopped are drawn up to their last probe
         runs = [r for r in doc["runs"] if r["system"] == name and r["seed"] in seeds and r.get("curve")]
         finished = [r for r in runs if "error" not in r]
@@ -419,9 +420,10 @@ def plot_curves(doc: dict, path: Path, title: str) -> None:
             continue
         sy = SYSTEMS[name]
         label = sy.label + (" (stopped)" if not finished else "") + _seed_note(runs, seeds)
-        axes[0].plot(*_mean_curve(runs, lambda p: p["test_error"]), styles[sy.network], marker=".", label=label)
+        axes[0].plot(*_mean_curve(runs, lambda p: p["test_error"]), styles[sy.network], marker=".", label=label,
+                     color=color)
         if sy.probe == "vf":
-            axes[1].plot(*_mean_curve(runs, lambda p: p["vf_angles_deg"][0][0]), marker=".", label=label)
+            axes[1].plot(*_mean_curve(runs, lambda p: p["vf_angles_deg"][0][0]), marker=".", label=label, color=color)
         measured = [p for r in runs for p in r["curve"] if "dtp_angles_deg" in p]
         if sy.probe == "dtp" and measured:
             for k in range(len(measured[0]["dtp_angles_deg"]) - 1):  # the output layer's angle is 0
