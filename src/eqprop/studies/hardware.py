@@ -213,9 +213,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hardware: 'block' (default): the energy-based block is the whole network "
                              f"{MODELS['block']['widths']}; 'hybrid': linear input map, block "
                              f"{MODELS['hybrid']['widths']}, linear readout")
-    parser.add_argument("--epochs", type=int, default=None, help="hardware: epochs per run (default 1)")
-    parser.add_argument("--limit-train", type=int, default=None, help="hardware: training examples (default 4000)")
-    parser.add_argument("--limit-test", type=int, default=None, help="hardware: test examples (default 2000)")
+    parser.add_argument("--epochs", type=int, default=None, help="hardware, local: epochs per run (default 1)")
+    parser.add_argument("--limit-train", type=int, default=None,
+                        help="hardware, local: training examples (default: hardware 4000, local all)")
+    parser.add_argument("--limit-test", type=int, default=None,
+                        help="hardware, local: test examples (default: hardware 2000, local all)")
 
 
 def run(args: argparse.Namespace) -> int:
