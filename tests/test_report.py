@@ -59,3 +59,12 @@ def test_bad_run_folders_raise_naming_the_file(tmp_path):
     page = render([tmp_path], "eqprop report")
     assert "not recorded" in page and "no epoch finished" in page
     assert load_config_file(str(tmp_path / "config.yaml"))["name"] == "fmnist_cpu"
+
+
+def test_the_shipped_results_page_is_the_report_of_the_committed_demo_run(monkeypatch):
+    """docs/results.md is written by `eqprop report` from benchmarks/results/demo_run: a changed
+    config, a new config or an edited page makes it out of date until the command is re-run."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["report", "benchmarks/results/demo_run", "--check", "docs/results.md"]) == 0

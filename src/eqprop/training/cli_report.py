@@ -114,10 +114,11 @@ def run_section(run_dir: Path) -> list[str]:
     lines = [f"## {name} (`{run_dir}`)", ""]
     if sessions:
         for s in sessions:
+            model = f" ({s['cpu_model']})" if s.get("cpu_model") else ""
             commit = (s.get("git_commit") or "unknown")[:10] + (" with local changes" if s.get("git_dirty") else "")
             lines.append(f"- from epoch {s.get('start_epoch', 0) + 1}: `{s.get('command')}`; code {commit} "
                          f"(eqprop {s.get('version')}, torch {s.get('torch')}); {s.get('device')}, "
-                         f"{s.get('cpu_count')} CPUs, {s.get('torch_threads')} torch threads, "
+                         f"{s.get('cpu_count')} CPUs{model}, {s.get('torch_threads')} torch threads, "
                          f"{s.get('world_size')} process(es); started {s.get('started')}")
     else:
         lines.append("- command and code version not recorded (run made before run_info.json existed)")

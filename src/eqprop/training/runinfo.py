@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 
-__all__ = ["RUN_INFO", "code_version", "read_run_info", "record_session"]
+__all__ = ["RUN_INFO", "code_version", "cpu_model", "read_run_info", "record_session"]
 
 RUN_INFO = "run_info.json"
 
@@ -46,6 +46,17 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"version": version, "git_commit": commit, "git_dirty": dirty}
+
+
+def cpu_model() -> str | None:
+    """The processor's name (Linux: /proc/cpuinfo), None where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def read_run_info(out_dir: str | os.PathLike) -> list[dict]:
@@ -81,6 +92,7 @@ def record_session(out_dir: str | os.PathLike, *, fresh: bool, start_epoch: int,
         "python": platform.python_version(),
         "device": str(device),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "world_size": world_size,
     }
