@@ -223,6 +223,22 @@ class EnergyBlock(nn.Module):
             self._device_gen = torch.Generator().manual_seed(self.device.seed_for(self.block_name))
         return int(torch.randint(2 ** 62, (), generator=self._device_gen))
 
+    def device_rng_state(self) -> tuple[Tensor | None, int | None]:
+        """The device's random state, for checkpoints: its generator's state (a byte tensor;
+        None before the first draw) and the current step's read-noise seed (None before the
+        first forward)."""
+        gen = self._device_gen
+        return (None if gen is None else gen.get_state()), self._device_step_seed
+
+    def set_device_rng_state(self, generator: Tensor | None, step_seed: int | None) -> None:
+        """Restore `device_rng_state`'s values (RuntimeError for a byte tensor that is no
+        generator state)."""
+        gen = None
+        if generator is not None:
+            gen = torch.Generator()
+            gen.set_state(generator.cpu())
+        self._device_gen, self._device_step_seed = gen, step_seed
+
     def _device_generator(self, seed: int, like: Tensor) -> torch.Generator:
         return torch.Generator(device=like.device).manual_seed(seed)
 

@@ -349,9 +349,8 @@ def attach_device_writes(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
 
 # ---- the random state of the devices (checkpoints) ------------------------------------------
 # A block keeps its device's generator (created from the device's seed at the first draw) and
-# the read-noise seed of the current step in the attributes `_device_gen` and
-# `_device_step_seed` (eqprop.blocks.EnergyBlock's device section); these two functions are
-# the only readers and writers of them outside the block.
+# the read-noise seed of the current step; it hands them out and takes them back through
+# `device_rng_state()` / `set_device_rng_state(generator, step_seed)` (eqprop.blocks.EnergyBlock).
 
 def _named_device_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     names = {id(m): (n or "model") for n, m in model.named_modules()}
@@ -365,11 +364,10 @@ def device_state(model: torch.nn.Module) -> dict[str, dict]:
     (safe to store in a checkpoint)."""
     out = {}
     for name, b in _named_device_blocks(model).items():
-        gen = getattr(b, "_device_gen", None)
-        step_seed = getattr(b, "_device_step_seed", None)
+        gen_state, step_seed = b.device_rng_state()
         settings = b.device.as_dict()
         settings["adc_range"] = list(settings["adc_range"])
-        out[name] = {"device": settings, "generator": None if gen is None else gen.get_state(),
+        out[name] = {"device": settings, "generator": gen_state,
                      "step_seed": step_seed}
     return out
 
@@ -406,15 +404,11 @@ def load_device_state(model: torch.nn.Module, state: dict[str, dict]) -> list[st
             notes.append(f"{name}: device settings changed since the checkpoint; its noise draws start from the "
                          f"new device's seed, not from the saved state")
             continue
-        new_gen = None
-        if gen is not None:
-            new_gen = torch.Generator()
-            try:
-                new_gen.set_state(gen.cpu())
-            except RuntimeError as e:
-                raise ValueError(f"device state of {name}: generator state cannot be restored "
-                                 f"({str(e).splitlines()[0]})") from None
-        b._device_gen, b._device_step_seed = new_gen, step_seed
+        try:
+            b.set_device_rng_state(gen, step_seed)
+        except RuntimeError as e:
+            raise ValueError(f"device state of {name}: generator state cannot be restored "
+                             f"({str(e).splitlines()[0]})") from None
     for name in blocks:
         if name not in state:
             notes.append(f"{name}: no saved device state; its noise draws restart from the device's seed")
