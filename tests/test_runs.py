@@ -109,7 +109,7 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(data, tmp_path, capsys
     assert train(data, out, "epochs=1") == 2  # a forgotten --resume: nothing of the old run is touched
     err = capsys.readouterr().err
     assert f"out_dir {out} already holds a run (config.yaml, metrics.jsonl, checkpoint.pt, checkpoint.prev.pt, " \
-           f"data_files.json); " \
+           f"data_files.json, run_info.json); " \
            f"continue it with --resume, or replace it with --overwrite" in err
     assert len(read_metrics(out / "metrics.jsonl")) == 2 and (out / "checkpoint.prev.pt").exists()
     record = json.loads((out / "data_files.json").read_text())  # the files the run read
