@@ -41,6 +41,7 @@ from benchmarks.peak import part_peak, reference_peaks  # noqa: E402
 from benchmarks.relax import part_relax  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.step import part_step  # noqa: E402
+from eqprop.training.runinfo import cpu_model  # noqa: E402
 
 PARTS = ("peak", "step", "memory", "relax", "data")
 
@@ -121,15 +122,9 @@ def main(argv=None) -> int:
 
 
 def cpu_name() -> str | None:
-    """The CPU's model name and core count, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        return None
-    return None
+    """The CPU's model name and core count (None where /proc/cpuinfo has no model name)."""
+    name = cpu_model()
+    return f"{name} ({os.cpu_count()} cores)" if name else None
 
 
 def load() -> str:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..optional import require
 from ..training.config import ConfigError, load_config
 from ..training.metrics import read_metrics
+from ..training.runinfo import cpu_model
 from ..training.trainer import Trainer, TrainingError
 
 __all__ = ["System", "SYSTEMS", "DEFAULT_SYSTEMS", "OPTIONAL_SYSTEMS", "StudySettings", "add_arguments",
@@ -279,7 +280,7 @@ def run_local(s: StudySettings, data: tuple, runs_dir: Path, results: Path | Non
 
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": cpu_model() or platform.machine()}
 
 
 # ---- report -------------------------------------------------------------------------------

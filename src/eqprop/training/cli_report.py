@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_dir, list_configs, load_config, load_config_file
+from .config import ConfigError, config_comment, list_configs, load_config, load_config_file
+from .config import config_changes as changed_settings
 from .metrics import read_metrics
 from .runinfo import read_run_info
 
@@ -35,27 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", metavar="FILE", help="exit with status 1 when FILE differs from the page")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_changes(cfg: dict) -> list[str] | None:
     """Keys (dotted) whose values differ between a run's config and today's shipped config of
     the same name, outside RUN_KEYS; None when no shipped config has that name."""
     name = cfg.get("name")
     if name not in list_configs():
         return None
-    shipped = _flatten(load_config(name))
-    ran = _flatten(cfg)
-    keys = sorted((set(shipped) | set(ran)) - {k for k in set(shipped) | set(ran) if k.split(".")[0] in RUN_KEYS})
-    return [k for k in keys if shipped.get(k) != ran.get(k)]
+    return [key for key, _, _ in changed_settings(load_config(name), cfg) if key.split(".")[0] not in RUN_KEYS]
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -87,19 +74,18 @@ def _settings(cfg: dict) -> str:
 
 def _first_sentence(name: str) -> str:
     """The first sentence of a shipped config's leading comment."""
-    words = []
-    for line in (config_dir() / f"{name}.yaml").read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        words += line.lstrip("# ").split()
-    text = " ".join(words)
+    text = " ".join(" ".join(config_comment(name)).split())
     end = text.find(". ")
     return (text if end < 0 else text[:end + 1]).replace("|", "/")
 
 
 def run_section(run_dir: Path) -> list[str]:
     """The markdown lines of one run folder."""
-    run_dir = Path(run_dir)
+    return _section(Path(run_dir))[1]
+
+
+def _section(run_dir: Path) -> tuple[str, list[str]]:
+    """(config name, markdown lines) of one run folder."""
     cfg_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     for p in (cfg_path, metrics_path):
         if not p.exists():
@@ -146,7 +132,7 @@ def run_section(run_dir: Path) -> list[str]:
         wall = sum(r.get("epoch_time_s") or 0.0 for r in records)
         lines += ["", f"Last test top-1 {tested[-1]['test_top1']:.2f}% (epoch {tested[-1]['epoch']}), best "
                       f"{best['test_top1']:.2f}% (epoch {best['epoch']}); {wall / 60:.1f} minutes of epochs in all."]
-    return lines + [""]
+    return cfg.get("name"), lines + [""]
 
 
 def render(run_dirs: list[Path], command: str, title: str = "Results") -> str:
@@ -158,8 +144,9 @@ def render(run_dirs: list[Path], command: str, title: str = "Results") -> str:
              "says how busy the machine was.", ""]
     ran = set()
     for d in run_dirs:
-        lines += run_section(d)
-        ran.add(load_config_file(str(Path(d) / "config.yaml")).get("name"))
+        name, section = _section(Path(d))
+        lines += section
+        ran.add(name)
     rest = [n for n in list_configs() if n not in ran]
     if rest:
         lines += ["## Shipped configs without a run here", "",

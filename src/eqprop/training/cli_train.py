@@ -24,7 +24,7 @@ from .config import (
     ConfigError,
     apply_overrides,
     check_resume,
-    config_dir,
+    config_comment,
     list_configs,
     load_config,
     merge,
@@ -51,12 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe_configs() -> list[str]:
     """One line per config: name and the first comment line of its file."""
-    lines = []
-    for name in list_configs():
-        text = (config_dir() / f"{name}.yaml").read_text().splitlines()
-        note = next((ln.lstrip("# ").strip() for ln in text if ln.startswith("#")), "")
-        lines.append(f"{name:34s} {note}")
-    return lines
+    return [f"{name:34s} {(config_comment(name) or [''])[0]}" for name in list_configs()]
 
 
 def out_dir_of(cfg: dict) -> Path:

@@ -27,8 +27,8 @@ import yaml
 from ..blocks import RELAX_SETTINGS
 
 __all__ = ["CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "FIXED_ON_RESUME", "RELAX_KEYS", "ConfigError",
-           "apply_override", "apply_overrides", "check_resume", "config_changes", "config_dir", "list_configs",
-           "load_config", "load_config_file", "merge", "parse_value", "to_yaml", "validate"]
+           "apply_override", "apply_overrides", "check_resume", "config_changes", "config_comment", "config_dir",
+           "list_configs", "load_config", "load_config_file", "merge", "parse_value", "to_yaml", "validate"]
 
 DEFAULTS: dict[str, Any] = {
     "name": None,                # set to the config's name when loaded
@@ -115,6 +115,16 @@ def list_configs() -> list[str]:
     if not d.is_dir():
         return []
     return sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith(EXCLUDED_PREFIXES))
+
+
+def config_comment(name: str) -> list[str]:
+    """The leading comment lines of a shipped config, without their '#' (its description)."""
+    lines = []
+    for line in (config_dir() / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    return lines
 
 
 def _read_yaml(path: Path) -> dict:
