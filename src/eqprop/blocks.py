@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import Activation, Identity, make_activation
-from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_
+from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_, is_channels_last
 from .devices import Device, DeviceStepper, make_device
 from .validate import check_choice, check_positive_int, check_tol
 
@@ -66,10 +66,7 @@ def relative_change(new: State, old: State) -> Tensor:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for a 4-d tensor laid out that way (and not also plainly contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 # ---- targets of the rules that need one (cost on the output layer, clamping) -------------

@@ -107,14 +107,18 @@ class Coupling(nn.Module):
         return (y * self(x)[0]).flatten(1).sum(1)
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels-last (and not also plainly contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def unpool(y: Tensor, idx: Tensor, z_shape: torch.Size) -> Tensor:
     """The adjoint of a max-pool with indices `idx` (flat positions within each H x W plane of
     z, shape `z_shape`): y scattered to the argmax positions, zeros elsewhere. The same values
     as `F.max_unpool2d`, by one scatter in y's dtype and memory format (max_unpool2d returns
     float32 under CPU autocast and fills its output in the contiguous layout)."""
     n, c, h, w = z_shape
-    if (y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
-            and idx.is_contiguous(memory_format=torch.channels_last)):
+    if is_channels_last(y) and idx.is_contiguous(memory_format=torch.channels_last):
         # channels last: the (N, H, W, C) views are contiguous, scatter over the H*W positions
         out = torch.zeros((n, h, w, c), dtype=y.dtype, device=y.device)
         out.view(n, h * w, c).scatter_(1, idx.permute(0, 2, 3, 1).reshape(n, -1, c),
@@ -270,4 +274,5 @@ def init_module_(module: nn.Module, init: str = "kaiming", alpha: float = 0.5, v
                 weighted_kaiming_(m.weight, m.bias, alpha)
 
 
-__all__ = ["Coupling", "DenseCoupling", "ConvCoupling", "unpool", "goe_", "weighted_kaiming_", "init_module_"]
+__all__ = ["Coupling", "DenseCoupling", "ConvCoupling", "is_channels_last", "unpool", "goe_", "weighted_kaiming_",
+           "init_module_"]
