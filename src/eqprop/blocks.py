@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from .activations import Activation, Identity, make_activation
 from .couplings import ConvCoupling, Coupling, DenseCoupling, init_module_, is_channels_last
 from .devices import Device, DeviceStepper, make_device
-from .validate import check_choice, check_positive_int, check_tol
+from .solvers import AndersonMixer
+from .validate import check_choice, check_nonnegative_int, check_positive, check_positive_int, check_tol
 
 State = list[Tensor]
 RelaxRecord = dict  # phase name -> RelaxStats, one per forward (see EnergyBlock.forward)
@@ -37,7 +38,8 @@ __all__ = ["State", "RelaxStats", "RelaxRecord", "DivergenceError", "relative_ch
            "HopfieldBlock", "DenseHopfield", "ConvHopfield", "targets", "current_target", "output_block", "target_like",
            "RELAX_SETTINGS"]
 
-RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs", "device")
+RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs", "device", "omega",
+                  "anderson")
 
 
 class DivergenceError(RuntimeError):
@@ -172,6 +174,14 @@ class EnergyBlock(nn.Module):
                     free and nudged phases alike; None costs nothing
       estimator:    how the backward is computed (an eqprop.estimators object, or None for
                     a block used without gradients)
+      omega:        over-relaxation factor of the sweep, in (0, 2): each updated layer moves
+                    to s + omega * (sigma(dPhi/ds) - s), so later layers of an async sweep see
+                    the over-relaxed ones (SOR); 1 is the plain iteration. Same fixed points
+      anderson:     history length m of Anderson acceleration of the relaxation (0: off):
+                    each iteration mixes the last m sweep outputs with per-sample weights
+                    that minimise the combined residual; stops on the same criterion
+                    (relative change of one plain sweep). Same fixed points
+      omega and anderson are numerical solvers, not circuits: a device model refuses them.
     After each forward, `last_relax` holds the `RelaxStats` of its phases: 'free', and the
     phases the estimator's backward ran ('nudged+', 'nudged-', 'adjoint', ...).
 
@@ -182,9 +192,11 @@ class EnergyBlock(nn.Module):
     def __init__(self, activations: Sequence[Activation], T1: int = 20, tol: float | None = None,
                  update: str = "async", first: str = "odd", check_every: int | None = None,
                  estimator: object = None, name: str | None = None, relax_dtype: torch.dtype | None = None,
-                 check_inputs: bool = True, device: Device | dict | None = None):
+                 check_inputs: bool = True, device: Device | dict | None = None, omega: float = 1.0,
+                 anderson: int = 0):
         super().__init__()
         self.activations = list(activations)
+        self.omega, self.anderson = omega, anderson
         self.relax_dtype = relax_dtype
         self.T1, self.tol, self.update, self.first, self.check_every = T1, tol, update, first, check_every
         self.check_inputs = check_inputs
@@ -355,12 +367,14 @@ class EnergyBlock(nn.Module):
                 if cache is not None:
                     cache["device"] = (preactivations, u)
         pre_fn = preactivations or self.preactivations
+        omega = self.omega
         s = list(s)
         for group in groups:
             layers = [l for l in group if not (hold_last and l == L - 1)]
             if layers:
                 for l, z in pre_fn(s, u, layers, nudge, cache).items():
-                    s[l] = self.activations[l](z)
+                    new = self.activations[l](z)
+                    s[l] = new if omega == 1 else torch.lerp(s[l], new, omega)
         return s
 
     def init_state(self, u: Tensor) -> State:
@@ -429,6 +443,7 @@ class EnergyBlock(nn.Module):
                     u_given: Tensor) -> tuple[State, RelaxStats]:
         every = self.check_every or (1 if u.device.type == "cpu" else 10)
         cache: dict = {}
+        mixer = AndersonMixer(self.anderson) if self.anderson else None
         t = 0
         converged = None if tol is None else False
         change = None
@@ -445,6 +460,11 @@ class EnergyBlock(nn.Module):
                     break
             elif t == T:
                 change = relative_change(new, s)
+            if mixer is not None and t < T:
+                mixed = mixer.mix(s, new)
+                if hold_last:
+                    mixed[-1] = new[-1]
+                new = mixed
             s = new
         # the one synchronisation of a fixed-T relaxation: residual and input finiteness together
         flags = [change.float()]
@@ -460,6 +480,8 @@ class EnergyBlock(nn.Module):
                 raise DivergenceError(
                     f"{self.block_name}: relaxation diverged (non-finite state in layer(s) {bad} after {t} "
                     f"iterations); lower the learning rate or the weight scale, or use a smaller slope"
+                    + (f" (over-relaxation omega={self.omega} can diverge where omega=1 converges)"
+                       if self.omega != 1 else "")
                 )
         return s, RelaxStats(t, residual, converged)
 
@@ -471,6 +493,8 @@ class EnergyBlock(nn.Module):
         check_positive_int(self.block_name, "check_every", self.check_every, allow_none=True)
         check_choice(self.block_name, "update", self.update, ("sync", "async"))
         check_choice(self.block_name, "first", self.first, ("odd", "even"))
+        check_positive(self.block_name, "omega", self.omega, below=2)
+        check_nonnegative_int(self.block_name, "anderson", self.anderson)
         if not isinstance(self.check_inputs, bool):
             raise ValueError(f"{self.block_name}: check_inputs must be True or False, got {self.check_inputs!r}")
         if self.relax_dtype is not None and not (isinstance(self.relax_dtype, torch.dtype)
@@ -478,6 +502,10 @@ class EnergyBlock(nn.Module):
             raise ValueError(f"{self.block_name}: relax_dtype must be a floating-point torch.dtype or None, "
                              f"got {self.relax_dtype!r}")
         if self._device_on:
+            if self.omega != 1 or self.anderson:
+                raise ValueError(f"{self.block_name}: omega and anderson are numerical solvers, not circuits; a "
+                                 f"device model runs the plain iteration (got omega={self.omega!r}, "
+                                 f"anderson={self.anderson!r}): set omega=1 and anderson=0, or device=None")
             if self.relax_dtype is not None:
                 raise ValueError(f"{self.block_name}: a device model runs the relaxation in the parameters' dtype; "
                                  f"set relax_dtype=None (got {self.relax_dtype!r}) or device=None")

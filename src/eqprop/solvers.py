@@ -1,4 +1,5 @@
-"""Krylov solvers on lists of tensors (one tensor per layer), for the adjoint of ID.
+"""Solvers on lists of tensors (one tensor per layer): a Krylov solver for the adjoint of ID
+and Anderson acceleration of a block's relaxation.
 
 The vectors are the block's states (a list of tensors, batch included); an operator is a
 function from such a list to another. Scalars stay on the device: the only host-device
@@ -14,7 +15,7 @@ from torch import Tensor
 
 Vector = list[Tensor]
 
-__all__ = ["SolveStats", "minres"]
+__all__ = ["AndersonMixer", "SolveStats", "minres"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,62 @@ def minres(apply: Callable[[Vector], Vector], b: Vector, *, max_iter: int, tol: 
             if rel < tol or beta.item() <= tiny:  # beta = 0: the Krylov space is exhausted, x is exact
                 return x, SolveStats(iters, rel, True)
     return x, SolveStats(iters, rel, rel < tol)
+
+
+def _sample_dot(a: Vector, b: Vector) -> Tensor:
+    """Per-sample inner product over all layers: a (batch,) float64 tensor."""
+    return sum((x.double() * y.double()).sum(dim=tuple(range(1, x.dim()))) for x, y in zip(a, b))
+
+
+class AndersonMixer:
+    """Anderson acceleration (type II, per sample) of a fixed-point iteration x <- G(x).
+
+    `mix(x, g)` takes the current iterate x and g = G(x) and returns the next iterate
+    sum_i alpha_i g_i over the last m pairs, where alpha (sum 1, one set per sample)
+    minimises || sum_i alpha_i (g_i - x_i) ||. The small m x m systems are solved on the
+    device in float64 (Tikhonov-regularised, relative 1e-10); a sample whose system
+    fails falls back to the plain step g. No host-device synchronisation.
+    """
+
+    def __init__(self, m: int):
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"AndersonMixer: m must be a positive integer, got {m!r}")
+        self.m = m
+        self.g: list[Vector] = []
+        self.f: list[Vector] = []
+        self.gram: Tensor | None = None  # (batch, m, m): inner products of the stored residuals
+
+    def mix(self, x: Vector, g: Vector) -> Vector:
+        f = [b - a for a, b in zip(x, g)]
+        if len(self.f) == self.m:
+            self.g.pop(0)
+            self.f.pop(0)
+            self.gram = self.gram[:, 1:, 1:]
+        dots = torch.stack([_sample_dot(f, old) for old in self.f] + [_sample_dot(f, f)], dim=1)  # (batch, k)
+        k = dots.shape[1]
+        gram = dots.new_zeros(dots.shape[0], k, k)
+        if k > 1:
+            gram[:, :-1, :-1] = self.gram
+        gram[:, -1, :] = dots
+        gram[:, :, -1] = dots
+        self.g.append(g)
+        self.f.append(f)
+        self.gram = gram
+        if k == 1:
+            return g
+        scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        alpha, info = torch.linalg.solve_ex(gram + 1e-10 * scale[:, None, None] * eye, torch.ones_like(dots))
+        alpha = alpha / alpha.sum(dim=1, keepdim=True)
+        plain = torch.zeros_like(alpha)
+        plain[:, -1] = 1
+        alpha = torch.where(((info == 0) & torch.isfinite(alpha).all(dim=1))[:, None], alpha, plain)
+        out = []
+        for layer in range(len(g)):
+            like = g[layer]
+            w = alpha.to(like.dtype if like.is_floating_point() else torch.float32)
+            acc = torch.zeros_like(like)
+            for i, gi in enumerate(self.g):
+                acc.add_(gi[layer] * w[:, i].view(-1, *([1] * (like.dim() - 1))))
+            out.append(acc)
+        return out

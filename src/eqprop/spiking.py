@@ -78,7 +78,7 @@ class SpikingDenseHopfield(DenseHopfield):
     Neurons fire at rate sigma(dPhi/ds) in [0, 1], so the activations must be 'hardsigmoid'
     or 'sigmoid' (no linear output layer), and the traces fluctuate, so the relaxation runs
     exactly T steps (`tol` must be None). Relaxations start with membranes at 0 (and traces
-    at 0 or at the given state). `relax_dtype` is not supported.
+    at 0 or at the given state). `relax_dtype`, `omega` and `anderson` are not supported.
 
     Standard estimators apply: EP and the contrastive rules run their second phases with
     these spiking dynamics; ID, BPTT and TBP differentiate the rate-based map (a surrogate:
@@ -135,6 +135,10 @@ class SpikingDenseHopfield(DenseHopfield):
         if getattr(self, "device", None) is not None:
             raise ValueError(f"{owner}: analog device models are not supported by spiking neurons; set device to "
                              f"None")
+        if self.omega != 1 or self.anderson:
+            raise ValueError(f"{owner}: spiking dynamics are simulated as they are; omega and anderson (solvers of "
+                             f"the rate-based fixed point) must stay 1 and 0, got omega={self.omega!r}, "
+                             f"anderson={self.anderson!r}")
 
     def configure(self, **settings) -> SpikingDenseHopfield:
         """Set relaxation and spike settings; nothing changes if one is invalid."""

@@ -1,0 +1,138 @@
+"""Faster free phases: over-relaxation and Anderson acceleration against the plain sweep.
+
+For each trained checkpoint given (the model of a training run) and a few training
+batches, every energy block's free phase is relaxed from zero with the plain asynchronous
+sweep and with each accelerated setting (`omega`, `anderson`: relaxation settings of the
+block), to the same tolerance. Reports the sweeps each needs (a sweep costs the same in
+all settings, up to Anderson's per-sample inner products) and how far each reached state
+is from a tight reference equilibrium (plain sweeps to tol 1e-7). Sweep counts do not depend
+on the machine's load. Writes a JSON and a markdown table.
+
+    python benchmarks/solver.py --checkpoints runs/demo/checkpoint.pt --out benchmarks/results/solver
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from eqprop.blocks import relative_change
+from eqprop.data import DeviceLoader, default_std_factor, load_dataset
+from eqprop.training import checkpoint as ckpt_io
+from eqprop.training.config import DEFAULTS, merge
+from eqprop.training.models import build_model, model_inputs
+
+SETTINGS = [
+    {"name": "plain", "omega": 1.0, "anderson": 0},
+    {"name": "omega1.2", "omega": 1.2, "anderson": 0},
+    {"name": "omega1.4", "omega": 1.4, "anderson": 0},
+    {"name": "omega1.6", "omega": 1.6, "anderson": 0},
+    {"name": "anderson3", "omega": 1.0, "anderson": 3},
+    {"name": "anderson5", "omega": 1.0, "anderson": 5},
+    {"name": "anderson8", "omega": 1.0, "anderson": 8},
+    {"name": "anderson5_omega1.2", "omega": 1.2, "anderson": 5},
+]
+
+
+def trained(path: Path, data_dir: str | None) -> tuple[torch.nn.Module, dict, object]:
+    """The model saved in a training checkpoint, its config and its training set."""
+    state = ckpt_io.load(path)
+    cfg = merge(DEFAULTS, state["config"], allow_new=True)
+    train = load_dataset(cfg["dataset"], "train", data_dir or cfg["data_dir"], **cfg["dataset_options"])
+    model = build_model(cfg, model_inputs(train))
+    ckpt_io.load_model_state(model, state["model"], path)
+    return model.train(), cfg, train
+
+
+def block_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's input current during a training forward of x (free phases as configured)."""
+    inputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+def measure(block, u: torch.Tensor, tols: list[float], T: int) -> list[dict]:
+    saved = (block.omega, block.anderson)
+    rows = []
+    try:
+        block.configure(omega=1.0, anderson=0)
+        ref, ref_stats = block.relax(u, T=20 * T, tol=1e-7)
+        for setting in SETTINGS:
+            block.configure(omega=setting["omega"], anderson=setting["anderson"])
+            for tol in tols:
+                c0 = time.process_time()
+                s, stats = block.relax(u, T=T, tol=tol)
+                rows.append({**setting, "tol": tol, "iters": stats.iters, "converged": stats.converged,
+                             "residual": stats.residual, "cpu_s": time.process_time() - c0,
+                             "distance_to_reference": float(relative_change(s, ref)),
+                             "reference_iters": ref_stats.iters})
+    finally:
+        block.configure(omega=saved[0], anderson=saved[1])
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["| checkpoint | block | tol | setting | sweeps (mean) | vs plain | converged | distance to reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        groups: dict = {}
+        for r in run["rows"]:
+            groups.setdefault((r["block"], r["tol"], r["name"]), []).append(r)
+        for (block, tol, name), rs in groups.items():
+            mean = sum(r["iters"] for r in rs) / len(rs)
+            plain = groups[(block, tol, "plain")]
+            base = sum(r["iters"] for r in plain) / len(plain)
+            conv = sum(bool(r["converged"]) for r in rs) / len(rs)
+            dist = max(r["distance_to_reference"] for r in rs)
+            lines.append(f"| {run['label']} | {block} | {tol:g} | {name} | {mean:.1f} | {base / mean:.2f}x | "
+                         f"{conv:.2f} | {dist:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoints", nargs="+", required=True, help="training checkpoint files")
+    p.add_argument("--labels", nargs="*", default=None, help="a name per checkpoint (default: its path)")
+    p.add_argument("--batches", type=int, default=3, help="training batches (in file order) per checkpoint")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-5])
+    p.add_argument("--T", type=int, default=200, help="iteration cap of every measured relaxation")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    labels = args.labels or args.checkpoints
+    if len(labels) != len(args.checkpoints):
+        p.error(f"--labels: {len(labels)} names for {len(args.checkpoints)} checkpoints")
+    result = {"settings": SETTINGS, "tols": args.tols, "T": args.T, "batch": args.batch, "runs": []}
+    for path, label in zip(args.checkpoints, labels):
+        model, cfg, train = trained(Path(path), args.data_dir)
+        std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(train.name)
+        loader = DeviceLoader(train, args.batch, train=False, augment=False, std_factor=std,
+                              limit=args.batch * args.batches)
+        rows = []
+        for i, (x, _) in enumerate(loader):
+            for block, u in zip(model.blocks, block_inputs(model, x)):
+                rows += [{"batch": i, "block": block.block_name, **r} for r in measure(block, u, args.tols, args.T)]
+        result["runs"].append({"label": label, "checkpoint": str(path), "rows": rows})
+        print(f"{label}: {len(rows)} relaxations")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
