@@ -58,7 +58,8 @@ def part_step(models, batches, div, device, repeats: int) -> list[dict]:
 # ---- settings side by side: one model, several variants of the same training step -----------
 
 # Each variant: layout ('nchw' or 'channels_last': parameters and input), tol (the free phase's,
-# block.tol), ep_tol (EP's nudged phases), estimator ('ep' or 'id'), relax_dtype.
+# block.tol), ep_tol (EP's nudged phases), estimator ('ep' or 'id'), relax_dtype, and the
+# relaxation solver (block.anderson, block.omega: every relaxation of the block, nudged ones too).
 VARIANTS = {
     "f32": {},
     "f32_cl": {"layout": "channels_last"},
@@ -69,6 +70,9 @@ VARIANTS = {
     "id_cl": {"layout": "channels_last", "estimator": "id"},
     "id_cl_tol1e-5": {"layout": "channels_last", "tol": 1e-5, "estimator": "id"},
     "bf16_cl": {"layout": "channels_last", "relax_dtype": "bfloat16"},
+    "f32_cl_tol1e-5_aa5": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "anderson": 5},
+    "f32_cl_tol1e-5_sor1.2": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "omega": 1.2},
+    "id_cl_tol1e-5_aa5": {"layout": "channels_last", "tol": 1e-5, "estimator": "id", "anderson": 5},
 }
 
 
@@ -77,7 +81,8 @@ def apply_variant(model, x: torch.Tensor, v: dict, T2: int) -> torch.Tensor:
     fmt = torch.channels_last if v.get("layout") == "channels_last" else torch.contiguous_format
     model.to(memory_format=fmt)
     dtype = v.get("relax_dtype")
-    model.configure_blocks(tol=v.get("tol"), relax_dtype=None if dtype is None else getattr(torch, dtype))
+    model.configure_blocks(tol=v.get("tol"), relax_dtype=None if dtype is None else getattr(torch, dtype),
+                           anderson=v.get("anderson", 0), omega=v.get("omega", 1.0))
     if v.get("estimator", "ep") == "ep":
         model.set_estimator("ep", beta=BETA, T2=T2, tol=v.get("ep_tol"))
     else:

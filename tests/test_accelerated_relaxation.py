@@ -1,5 +1,9 @@
 """Over-relaxation (omega) and Anderson acceleration (anderson) of a block's relaxation:
 same fixed points as the plain sweep, fewer sweeps, layouts kept, bad settings refused."""
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +13,8 @@ from eqprop import ConvHopfield, DenseHopfield
 from eqprop.blocks import relative_change
 from eqprop.solvers import AndersonMixer
 from eqprop.spiking import SpikingDenseHopfield
+from eqprop.training.trainer import Trainer
+from test_training_helpers import tiny_config, write_fashion_mnist
 
 
 @settings(max_examples=20, deadline=None)
@@ -100,3 +106,23 @@ def test_device_models_and_spiking_blocks_refuse_the_solvers():
         SpikingDenseHopfield([4, 3], anderson=2)
     with pytest.raises(ValueError, match="m must be a positive integer"):
         AndersonMixer(0)
+
+
+def test_solver_benchmark_on_a_training_checkpoint(tmp_path):
+    root = write_fashion_mnist(tmp_path / "data", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, "epochs=1", f"data_dir={root}", "limit_train=32", "log_every=0"),
+            echo=lambda _m: None).fit()
+    repo = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, repo)
+    try:
+        from benchmarks import solver
+    finally:
+        sys.path.remove(repo)
+    assert solver.main(["--checkpoints", str(out / "checkpoint.pt"), "--labels", "tiny", "--batches", "1",
+                        "--batch", "4", "--T", "50", "--data-dir", str(root), "--out", str(tmp_path / "s")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    rows = result["runs"][0]["rows"]
+    assert {r["name"] for r in rows} == {s["name"] for s in solver.SETTINGS}
+    assert all(r["iters"] >= 1 and r["distance_to_reference"] < 1e-2 for r in rows)
+    assert "| tiny |" in (tmp_path / "s.md").read_text()
