@@ -68,13 +68,20 @@ def test_checkpoints_of_a_run(tmp_path):
     assert len(rows) == 1 and rows[0]["checkpoint"] == str(out / "checkpoint.pt")
     assert rows[0]["epoch"] == 1 and rows[0]["step"] == 2  # 32 examples in batches of 16
     assert rows[0]["T2"] == 3  # the run's own estimator.ep.T2
+    assert analyze("--models", "none", "--checkpoints", str(out), "--seeds", "0", "--betas", "0.25", "--pools",
+                   "free", "--batch", "4", "--data-dir", str(root), "--no-figure", "--threads", "1", "--anderson", "3",
+                   "--out", str(tmp_path / "fid_aa")) == 0
+    result = json.loads((tmp_path / "fid_aa" / "fidelity.json").read_text())
+    assert result["settings"]["anderson"] == 3
+    assert result["models"]["fmnist_cpu@checkpoints"]["seeds"][0]["flat_cos"] > 0.5
 
 
 @pytest.mark.parametrize("argv, match", [
     (["--models", "nope"], "unknown model"), (["--betas", "0"], "betas must be > 0"),
     (["--batch", "0"], "--batch must be a positive integer"), (["--models", "none"], "nothing to measure"),
     (["--seeds", "-1"], "--seeds must be"), (["--checkpoints", "/nonexistent/x"], "no such file or folder"),
-    (["--T1", "0"], "--T1 must be a positive integer"), (["--replot", "/nonexistent.json"], "--replot .*no such file")])
+    (["--T1", "0"], "--T1 must be a positive integer"), (["--anderson", "-1"], "--anderson must be"),
+    (["--replot", "/nonexistent.json"], "--replot .*no such file")])
 def test_bad_options(argv, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         analyze(*argv, "--out", str(tmp_path))

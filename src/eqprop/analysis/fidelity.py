@@ -420,6 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--T2", type=int, default=None,
                         help="EP's nudged-phase iterations (default: 20 for the DHNs, the config's estimator.ep.T2 "
                              "for demo and checkpoints)")
+    parser.add_argument("--anderson", type=int, default=None,
+                        help="Anderson acceleration (history length) of every relaxation of every model's blocks "
+                             "(default: the model's own setting; 0: off)")
     parser.add_argument("--bptt-steps", type=int, default=None, help="BPTT's unrolled steps (default: T1)")
     parser.add_argument("--width-div", type=int, default=1, help="divide the DHNs' widths by this (tests, quick runs)")
     parser.add_argument("--in-size", type=int, default=32, help="image size of the DHNs' batch")
@@ -453,6 +456,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         v = getattr(args, key)
         if v is not None and v < 1:
             raise _bad(f"fidelity: --{key.replace('_', '-')} must be a positive integer, got {v}")
+    if args.anderson is not None and args.anderson < 0:
+        raise _bad(f"fidelity: --anderson must be an integer >= 0, got {args.anderson}")
     if any(s < 0 for s in args.seeds):
         raise _bad(f"fidelity: --seeds must be integers >= 0, got {args.seeds}")
     if any(not b > 0 for b in args.betas):
@@ -505,6 +510,8 @@ def run(args: argparse.Namespace) -> int:
     def add(name: str, description: str, seed: int, model: nn.Module, x: Tensor, y: Tensor, grid: list[dict],
             where: dict) -> None:
         print(f"{name} seed {seed}{' at ' + where['checkpoint'] if where.get('checkpoint') else ''}:", flush=True)
+        if args.anderson is not None:
+            model.configure_blocks(anderson=args.anderson)
         m = measure(model, x, y, grid, bptt_steps=args.bptt_steps, with_switches=swi)
         entry = result["models"].setdefault(name, {"description": description, "seeds": [], "references": []})
         entry["references"].append({"seed": seed, **where, **m["reference"]})
