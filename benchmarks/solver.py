@@ -81,26 +81,30 @@ def measure(block, u: torch.Tensor, tols: list[float], T: int) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| checkpoint | block | tol | setting | sweeps (mean) | vs plain | converged | distance to reference |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per checkpoint, block and tolerance; per setting the mean sweeps over the batches
+    and, in parentheses, plain / setting; then the largest distance to the reference of any
+    setting and whether every relaxation met its tolerance."""
+    names = [s["name"] for s in result["settings"]]
+    lines = ["| checkpoint | block | tol | " + " | ".join(names) + " | max distance to reference | all converged |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for run in result["runs"]:
         groups: dict = {}
         for r in run["rows"]:
-            groups.setdefault((r["block"], r["tol"], r["name"]), []).append(r)
-        for (block, tol, name), rs in groups.items():
-            mean = sum(r["iters"] for r in rs) / len(rs)
-            plain = groups[(block, tol, "plain")]
-            base = sum(r["iters"] for r in plain) / len(plain)
-            conv = sum(bool(r["converged"]) for r in rs) / len(rs)
-            dist = max(r["distance_to_reference"] for r in rs)
-            lines.append(f"| {run['label']} | {block} | {tol:g} | {name} | {mean:.1f} | {base / mean:.2f}x | "
-                         f"{conv:.2f} | {dist:.1e} |")
+            groups.setdefault((r["block"], r["tol"]), {}).setdefault(r["name"], []).append(r)
+        for (block, tol), by_name in groups.items():
+            mean = {n: sum(r["iters"] for r in rs) / len(rs) for n, rs in by_name.items()}
+            cells = [f"{mean[n]:.1f} ({mean['plain'] / mean[n]:.2f}x)" for n in names]
+            rows = [r for rs in by_name.values() for r in rs]
+            dist = max(r["distance_to_reference"] for r in rows)
+            conv = all(r["converged"] for r in rows)
+            lines.append(f"| {run['label']} | {block} | {tol:g} | " + " | ".join(cells) + f" | {dist:.1e} | "
+                         f"{'yes' if conv else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoints", nargs="+", required=True, help="training checkpoint files")
+    p.add_argument("--checkpoints", nargs="+", default=[], help="training checkpoint files")
     p.add_argument("--labels", nargs="*", default=None, help="a name per checkpoint (default: its path)")
     p.add_argument("--batches", type=int, default=3, help="training batches (in file order) per checkpoint")
     p.add_argument("--batch", type=int, default=64)
@@ -109,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output prefix: writes OUT.json and OUT.md")
+    p.add_argument("--replot", action="store_true", help="measure nothing: rewrite OUT.md from OUT.json")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
+        print(out.with_suffix(".md").read_text())
+        return 0
     torch.set_num_threads(args.threads)
+    if not args.checkpoints:
+        p.error("--checkpoints: give at least one training checkpoint (or --replot)")
     labels = args.labels or args.checkpoints
     if len(labels) != len(args.checkpoints):
         p.error(f"--labels: {len(labels)} names for {len(args.checkpoints)} checkpoints")
@@ -126,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows += [{"batch": i, "block": block.block_name, **r} for r in measure(block, u, args.tols, args.T)]
         result["runs"].append({"label": label, "checkpoint": str(path), "rows": rows})
         print(f"{label}: {len(rows)} relaxations")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
