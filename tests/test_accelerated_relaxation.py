@@ -14,7 +14,7 @@ from eqprop.blocks import relative_change
 from eqprop.solvers import AndersonMixer
 from eqprop.spiking import SpikingDenseHopfield
 from eqprop.training.trainer import Trainer
-from test_training_helpers import tiny_config, write_fashion_mnist
+from test_training_helpers import synthetic_images, tiny_config, write_fashion_mnist
 
 
 @settings(max_examples=20, deadline=None)
@@ -126,3 +126,18 @@ def test_solver_benchmark_on_a_training_checkpoint(tmp_path):
     assert {r["name"] for r in rows} == {s["name"] for s in solver.SETTINGS}
     assert all(r["iters"] >= 1 and r["distance_to_reference"] < 1e-2 for r in rows)
     assert "| tiny |" in (tmp_path / "s.md").read_text()
+
+
+def test_the_trainer_runs_anderson_and_a_resume_may_change_it(tmp_path):
+    train, test = synthetic_images(32, seed=1), synthetic_images(16, seed=2, split="test")
+    cfg = tiny_config(tmp_path, "model.anderson=3", "model.omega=1.1", "model.T1=30", "model.tol=1e-4",
+                      "epochs=1")
+    t = Trainer(cfg, train, test, echo=lambda _m: None)
+    assert all((b.anderson, b.omega) == (3, 1.1) for b in t.model.blocks)
+    assert t.fit()["status"] == "completed"
+    said: list[str] = []
+    t2 = Trainer(tiny_config(tmp_path, "model.anderson=0", "model.T1=30", "model.tol=1e-4", "epochs=2"), train,
+                 test, echo=said.append)
+    t2.resume()
+    assert all((b.anderson, b.omega) == (0, 1.0) for b in t2.model.blocks)
+    assert t2.fit()["status"] == "completed"

@@ -203,12 +203,15 @@ def test_bptt_and_ep_train_through_the_device():
 
 
 def test_config_key_model_device():
-    cfg = load_config("fmnist_cpu", ["model.device={read_noise: 0.02, adc_bits: 6}"])
+    cfg = load_config("fmnist_cpu", ["model.device={read_noise: 0.02, adc_bits: 6}", "model.anderson=0"])
     info = {"num_classes": 10, "kind": "image", "shape": (1, 28, 28)}
     model = build_model(cfg, info)
     assert all(b.device == Device(read_noise=0.02, adc_bits=6) for b in model.blocks)
     with pytest.raises(ConfigError, match="model.device.*adc_bits"):
-        build_model(load_config("fmnist_cpu", ["model.device={adc_bits: 0}"]), info)
+        build_model(load_config("fmnist_cpu", ["model.device={adc_bits: 0}", "model.anderson=0"]), info)
+    # the demo config accelerates its relaxations; a device model asks for plain sweeps
+    with pytest.raises(ConfigError, match="model.anderson=5.*not circuits.*anderson=0"):
+        build_model(load_config("fmnist_cpu", ["model.device={read_noise: 0.02}"]), info)
     assert make_device(None) is None
 
 
