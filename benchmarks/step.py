@@ -73,6 +73,12 @@ VARIANTS = {
     "f32_cl_tol1e-5_aa5": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "anderson": 5},
     "f32_cl_tol1e-5_sor1.2": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "omega": 1.2},
     "id_cl_tol1e-5_aa5": {"layout": "channels_last", "tol": 1e-5, "estimator": "id", "anderson": 5},
+    "f32_cl_tol1e-5_mirror": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "mirror": True},
+    "f32_cl_tol1e-5_sor1.2_mirror": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "omega": 1.2,
+                                     "mirror": True},
+    "f32_cl_tol1e-5_sor1.4": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "omega": 1.4},
+    "id_cl_tol1e-5_sor1.2": {"layout": "channels_last", "tol": 1e-5, "estimator": "id", "omega": 1.2},
+    "id_cl_tol1e-5_sor1.4": {"layout": "channels_last", "tol": 1e-5, "estimator": "id", "omega": 1.4},
 }
 
 
@@ -84,7 +90,7 @@ def apply_variant(model, x: torch.Tensor, v: dict, T2: int) -> torch.Tensor:
     model.configure_blocks(tol=v.get("tol"), relax_dtype=None if dtype is None else getattr(torch, dtype),
                            anderson=v.get("anderson", 0), omega=v.get("omega", 1.0))
     if v.get("estimator", "ep") == "ep":
-        model.set_estimator("ep", beta=BETA, T2=T2, tol=v.get("ep_tol"))
+        model.set_estimator("ep", beta=BETA, T2=T2, tol=v.get("ep_tol"), mirror=v.get("mirror", False))
     else:
         model.set_estimator("id")
     return x.contiguous(memory_format=fmt)

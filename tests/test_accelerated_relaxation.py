@@ -141,3 +141,18 @@ def test_the_trainer_runs_anderson_and_a_resume_may_change_it(tmp_path):
     t2.resume()
     assert all((b.anderson, b.omega) == (0, 1.0) for b in t2.model.blocks)
     assert t2.fit()["status"] == "completed"
+
+
+def test_anderson_restarts_a_sample_whose_residual_grows_and_keeps_the_layout():
+    # sample 0 converges (x -> x / 2), sample 1's residual grows at its third call: only its history is dropped
+    mixer = AndersonMixer(3)
+    x = torch.ones(2, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    xs = [x]
+    for step in [1.0, 0.5, 4.0]:  # sample 1's residual G(x) - x
+        g = xs[0] / 2
+        g[1] = xs[0][1] + step
+        xs = mixer.mix(xs, [g])
+    assert mixer.restarts.tolist() == [0, 1]
+    assert mixer.valid[1].sum().item() == 1 and mixer.valid[0].sum().item() == 3
+    assert xs[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xs[0][1], g[1])  # the restarted sample took the plain step

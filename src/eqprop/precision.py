@@ -106,19 +106,24 @@ class DeviationStepper:
 
 def relax_with_precision(block: EnergyBlock, u: Tensor, s0: State, T: int, tol: float | None, *,
                          nudge: Tensor | Callable[[Tensor], Tensor] | None = None, clamp: Tensor | None = None,
-                         precision: str = "deviation", preactivations: Callable | None = None
-                         ) -> tuple[State, RelaxStats]:
-    """`block.relax` from s0 for at most T steps, with 16-bit handling `precision`.
+                         precision: str = "deviation", preactivations: Callable | None = None,
+                         start: State | None = None) -> tuple[State, RelaxStats]:
+    """`block.relax` from s0 (or from `start`) for at most T steps, with 16-bit handling `precision`.
 
     nudge: extra current on the last layer (tensor, or function of the last layer's state);
     clamp: hold the last layer at this value (it does not relax);
     preactivations: replaces the block's own (e.g. held pooling routes, eqprop.routing); with a
     16-bit relax_dtype only precision 'full' can take it.
+    start: the state the iteration starts from when it is not s0 (s0 stays the free state
+    that precision 'deviation' measures the deviations from).
     """
     check_precision(block.block_name, precision)
     check_positive_int(block.block_name, "T", T)
     check_tol(block.block_name, tol)
-    s = [x.detach() for x in s0]
+    if start is not None and [x.shape for x in start] != [x.shape for x in s0]:
+        raise ValueError(f"{block.block_name}: the start state's shapes {[tuple(x.shape) for x in start]} differ "
+                         f"from the free state's {[tuple(x.shape) for x in s0]}")
+    s = [x.detach() for x in (s0 if start is None else start)]
     if clamp is not None:
         s[-1] = clamp
     kw = dict(T=T, tol=tol, nudge=nudge, hold_last=clamp is not None)

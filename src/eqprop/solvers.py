@@ -90,60 +90,101 @@ def minres(apply: Callable[[Vector], Vector], b: Vector, *, max_iter: int, tol: 
     return x, SolveStats(iters, rel, rel < tol)
 
 
-def _sample_dot(a: Vector, b: Vector) -> Tensor:
-    """Per-sample inner product over all layers: a (batch,) float64 tensor."""
-    return sum((x.double() * y.double()).sum(dim=tuple(range(1, x.dim()))) for x, y in zip(a, b))
+def _flat(x: Tensor) -> Tensor:
+    """(batch, n) view of x in its memory order (contiguous or channels-last); a copy otherwise."""
+    b = x.shape[0]
+    if x.is_contiguous():
+        return x.view(b, -1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(b, -1)
+    return x.reshape(b, -1)
+
+
+def _unflat(flat: Tensor, like: Tensor) -> Tensor:
+    """The inverse of `_flat` into like's shape, keeping a channels-last layout."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = like.shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(like.shape)
 
 
 class AndersonMixer:
-    """Anderson acceleration (type II, per sample) of a fixed-point iteration x <- G(x).
+    """Anderson acceleration (type II, per sample, safeguarded) of a fixed-point iteration
+    x <- G(x).
 
     `mix(x, g)` takes the current iterate x and g = G(x) and returns the next iterate
     sum_i alpha_i g_i over the last m pairs, where alpha (sum 1, one set per sample)
-    minimises || sum_i alpha_i (g_i - x_i) ||. The small m x m systems are solved on the
-    device in float64 (Tikhonov-regularised, relative 1e-10); a sample whose system
-    fails falls back to the plain step g. No host-device synchronisation.
+    minimises || sum_i alpha_i (g_i - x_i) ||. The history lives in ring buffers of shape
+    (batch, m, n) per layer, so the inner products and the mixture are one batched matmul
+    each (float32 for 16-bit states). The small m x m systems are solved on the device in
+    float64, Tikhonov-regularised relative to the buffers' precision. Safeguard: a sample
+    whose residual ||G(x) - x|| grew since the previous call forgets its history and takes
+    the plain step g (restarted Anderson); so does a sample whose system fails. No
+    host-device synchronisation.
     """
 
     def __init__(self, m: int):
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"AndersonMixer: m must be a positive integer, got {m!r}")
         self.m = m
-        self.g: list[Vector] = []
-        self.f: list[Vector] = []
-        self.gram: Tensor | None = None  # (batch, m, m): inner products of the stored residuals
+        self.calls = 0
+        self.restarts: Tensor | None = None  # (batch,) how often each sample's history was dropped
+        self.g: list[Tensor] = []  # per layer (batch, m, n_l): the stored G(x_i)
+        self.f: list[Tensor] = []  # per layer (batch, m, n_l): the stored residuals G(x_i) - x_i
+        self.gram: Tensor | None = None  # (batch, m, m) float64: inner products of the stored residuals
+        self.valid: Tensor | None = None  # (batch, m) bool: slots in use for each sample
+        self.last: Tensor | None = None  # (batch,) float64: the previous call's squared residual
+
+    def _allocate(self, g: list[Tensor]) -> None:
+        b = g[0].shape[0]
+        for t in g:
+            dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+            self.g.append(t.new_zeros(b, self.m, t[0].numel(), dtype=dtype))
+            self.f.append(t.new_zeros(b, self.m, t[0].numel(), dtype=dtype))
+        self.gram = g[0].new_zeros(b, self.m, self.m, dtype=torch.float64)
+        self.valid = torch.zeros(b, self.m, dtype=torch.bool, device=g[0].device)
+        self.restarts = torch.zeros(b, dtype=torch.long, device=g[0].device)
 
     def mix(self, x: Vector, g: Vector) -> Vector:
-        f = [b - a for a, b in zip(x, g)]
-        if len(self.f) == self.m:
-            self.g.pop(0)
-            self.f.pop(0)
-            self.gram = self.gram[:, 1:, 1:]
-        dots = torch.stack([_sample_dot(f, old) for old in self.f] + [_sample_dot(f, f)], dim=1)  # (batch, k)
-        k = dots.shape[1]
-        gram = dots.new_zeros(dots.shape[0], k, k)
-        if k > 1:
-            gram[:, :-1, :-1] = self.gram
-        gram[:, -1, :] = dots
-        gram[:, :, -1] = dots
-        self.g.append(g)
-        self.f.append(f)
-        self.gram = gram
-        if k == 1:
+        if not self.g:
+            self._allocate(g)
+        slot = self.calls % self.m
+        dots = None
+        for gl, fl, xt, gt in zip(self.g, self.f, x, g):
+            gl[:, slot] = _flat(gt)
+            fl[:, slot] = _flat(gt) - _flat(xt)
+            d = torch.bmm(fl[:, slot].unsqueeze(1), fl.transpose(1, 2)).squeeze(1)  # (batch, m); faster than F f
+            dots = d if dots is None else dots + d
+        dots = dots.double()
+        gram = self.gram
+        gram[:, slot, :] = dots
+        gram[:, :, slot] = dots
+        r = dots[:, slot]
+        valid = self.valid
+        if self.last is not None:
+            grew = r > self.last
+            self.restarts += grew
+            valid &= ~grew[:, None]
+        valid[:, slot] = True
+        self.last = r
+        self.calls += 1
+        if self.calls == 1:
             return g
-        scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        alpha, info = torch.linalg.solve_ex(gram + 1e-10 * scale[:, None, None] * eye, torch.ones_like(dots))
+        # the system over the valid slots; an unused slot i gets the row e_i and right-hand side 0
+        eye = torch.eye(self.m, dtype=gram.dtype, device=gram.device)
+        pair = valid[:, :, None] & valid[:, None, :]
+        scale = (torch.diagonal(gram, dim1=1, dim2=2) * valid).sum(dim=1) / valid.sum(dim=1)
+        eps = 1e-10 if self.g[0].dtype == torch.float64 else 1e-6
+        ridge = torch.where(valid, eps * scale.clamp_min(torch.finfo(torch.float64).tiny)[:, None], 1)
+        system = torch.where(pair, gram, 0) + ridge[:, :, None] * eye
+        rhs = valid.double()
+        alpha, info = torch.linalg.solve_ex(system, rhs)
         alpha = alpha / alpha.sum(dim=1, keepdim=True)
         plain = torch.zeros_like(alpha)
-        plain[:, -1] = 1
+        plain[:, slot] = 1
         alpha = torch.where(((info == 0) & torch.isfinite(alpha).all(dim=1))[:, None], alpha, plain)
         out = []
-        for layer in range(len(g)):
-            like = g[layer]
-            w = alpha.to(like.dtype if like.is_floating_point() else torch.float32)
-            acc = torch.zeros_like(like)
-            for i, gi in enumerate(self.g):
-                acc.add_(gi[layer] * w[:, i].view(-1, *([1] * (like.dim() - 1))))
-            out.append(acc)
+        for gl, gt in zip(self.g, g):
+            mixed = torch.bmm(alpha.to(gl.dtype).unsqueeze(1), gl).squeeze(1)
+            out.append(_unflat(mixed.to(gt.dtype), gt))
         return out
