@@ -70,10 +70,11 @@ def test_checkpoints_of_a_run(tmp_path):
     assert rows[0]["T2"] == 3  # the run's own estimator.ep.T2
     assert analyze("--models", "none", "--checkpoints", str(out), "--seeds", "0", "--betas", "0.25", "--pools",
                    "free", "--batch", "4", "--data-dir", str(root), "--no-figure", "--threads", "1", "--anderson", "3",
-                   "--out", str(tmp_path / "fid_aa")) == 0
+                   "--omega", "1.1", "--mirror", "--ep-tol", "1e-5", "--out", str(tmp_path / "fid_aa")) == 0
     result = json.loads((tmp_path / "fid_aa" / "fidelity.json").read_text())
-    assert result["settings"]["anderson"] == 3
-    assert result["models"]["fmnist_cpu@checkpoints"]["seeds"][0]["flat_cos"] > 0.5
+    assert result["settings"]["anderson"] == 3 and result["settings"]["omega"] == 1.1
+    row = result["models"]["fmnist_cpu@checkpoints"]["seeds"][0]
+    assert row["flat_cos"] > 0.5 and row["mirror"] is True and row["tol"] == 1e-5
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -81,6 +82,7 @@ def test_checkpoints_of_a_run(tmp_path):
     (["--batch", "0"], "--batch must be a positive integer"), (["--models", "none"], "nothing to measure"),
     (["--seeds", "-1"], "--seeds must be"), (["--checkpoints", "/nonexistent/x"], "no such file or folder"),
     (["--T1", "0"], "--T1 must be a positive integer"), (["--anderson", "-1"], "--anderson must be"),
+    (["--omega", "2"], "--omega must be in"), (["--ep-tol", "0"], "--ep-tol must be > 0"),
     (["--replot", "/nonexistent.json"], "--replot .*no such file")])
 def test_bad_options(argv, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

@@ -423,6 +423,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anderson", type=int, default=None,
                         help="Anderson acceleration (history length) of every relaxation of every model's blocks "
                              "(default: the model's own setting; 0: off)")
+    parser.add_argument("--omega", type=float, default=None,
+                        help="over-relaxation of every relaxation of every model's blocks (default: the model's own "
+                             "setting; 1: off)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="centered EP starts its -beta phase from the mirror image of the +beta one")
+    parser.add_argument("--ep-tol", type=float, default=None,
+                        help="EP's nudged phases stop at this relative change, T2 as the cap (default: the config's)")
     parser.add_argument("--bptt-steps", type=int, default=None, help="BPTT's unrolled steps (default: T1)")
     parser.add_argument("--width-div", type=int, default=1, help="divide the DHNs' widths by this (tests, quick runs)")
     parser.add_argument("--in-size", type=int, default=32, help="image size of the DHNs' batch")
@@ -458,6 +465,10 @@ def _check(args: argparse.Namespace) -> list[str]:
             raise _bad(f"fidelity: --{key.replace('_', '-')} must be a positive integer, got {v}")
     if args.anderson is not None and args.anderson < 0:
         raise _bad(f"fidelity: --anderson must be an integer >= 0, got {args.anderson}")
+    if args.omega is not None and not 0 < args.omega < 2:
+        raise _bad(f"fidelity: --omega must be in (0, 2), got {args.omega}")
+    if args.ep_tol is not None and not args.ep_tol > 0:
+        raise _bad(f"fidelity: --ep-tol must be > 0, got {args.ep_tol}")
     if any(s < 0 for s in args.seeds):
         raise _bad(f"fidelity: --seeds must be integers >= 0, got {args.seeds}")
     if any(not b > 0 for b in args.betas):
@@ -466,7 +477,9 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 
 def _grid(args: argparse.Namespace, T2: int, tol: float | None) -> list[dict]:
-    return [{"beta": b, "variant": v, "pool": p, "T2": T2, "tol": tol}
+    tol = args.ep_tol if args.ep_tol is not None else tol
+    return [{"beta": b, "variant": v, "pool": p, "T2": T2, "tol": tol,
+             **({"mirror": True} if args.mirror and v == "centered" else {})}
             for b in args.betas for v in args.variants for p in args.pools]
 
 
@@ -512,6 +525,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name} seed {seed}{' at ' + where['checkpoint'] if where.get('checkpoint') else ''}:", flush=True)
         if args.anderson is not None:
             model.configure_blocks(anderson=args.anderson)
+        if args.omega is not None:
+            model.configure_blocks(omega=args.omega)
         m = measure(model, x, y, grid, bptt_steps=args.bptt_steps, with_switches=swi)
         entry = result["models"].setdefault(name, {"description": description, "seeds": [], "references": []})
         entry["references"].append({"seed": seed, **where, **m["reference"]})
