@@ -203,15 +203,18 @@ def test_bptt_and_ep_train_through_the_device():
 
 
 def test_config_key_model_device():
-    cfg = load_config("fmnist_cpu", ["model.device={read_noise: 0.02, adc_bits: 6}", "model.anderson=0"])
+    cfg = load_config("fmnist_cpu", ["model.device={read_noise: 0.02, adc_bits: 6}", "model.omega=1"])
     info = {"num_classes": 10, "kind": "image", "shape": (1, 28, 28)}
     model = build_model(cfg, info)
     assert all(b.device == Device(read_noise=0.02, adc_bits=6) for b in model.blocks)
     with pytest.raises(ConfigError, match="model.device.*adc_bits"):
-        build_model(load_config("fmnist_cpu", ["model.device={adc_bits: 0}", "model.anderson=0"]), info)
-    # Anderson mixing is a numerical solver: a device model asks for plain sweeps
+        build_model(load_config("fmnist_cpu", ["model.device={adc_bits: 0}", "model.omega=1"]), info)
+    # over-relaxation and Anderson mixing are numerical solvers: a device model asks for plain sweeps
+    with pytest.raises(ConfigError, match="not circuits.*omega=1"):
+        build_model(load_config("fmnist_cpu", ["model.device={read_noise: 0.02}"]), info)  # the demo over-relaxes
     with pytest.raises(ConfigError, match="not circuits.*anderson=0"):
-        build_model(load_config("fmnist_cpu", ["model.device={read_noise: 0.02}", "model.anderson=5"]), info)
+        build_model(load_config("fmnist_cpu", ["model.device={read_noise: 0.02}", "model.omega=1",
+                                               "model.anderson=5"]), info)
     assert make_device(None) is None
 
 

@@ -27,11 +27,13 @@ def synthetic_images(n: int, side: int = 8, classes: int = 4, seed: int = 0, spl
 
 
 def tiny_config(out_dir: Path, *overrides: str) -> dict:
-    """fmnist_cpu shrunk to a one-block conv model on 8x8 images, plain sweeps (model.anderson=0:
-    device models refuse Anderson mixing), no progress bars or TensorBoard."""
+    """fmnist_cpu shrunk to a one-block conv model on 8x8 images, plain sweeps (model.omega=1,
+    model.anderson=0: device models refuse the numerical solvers), nudged phases of exactly T2
+    steps from the free state, no progress bars or TensorBoard."""
     base = [
         'model.blocks=[{channels: [1, 4, 8], pools: "m-"}]', "model.T1=4", "model.tol=null", "model.anderson=0",
-        "estimator.ep.T2=3", "batch_size=16", "eval_batch_size=32", "epochs=2", "progress=false",
+        "model.omega=1", "estimator.ep.T2=3", "estimator.ep.tol=null", "estimator.ep.mirror=false", "batch_size=16",
+        "eval_batch_size=32", "epochs=2", "progress=false",
         "tensorboard=false", f"out_dir={out_dir}", "threads=1", "optim.lr=0.01",
     ]
     return load_config("fmnist_cpu", base + list(overrides))
