@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .couplings import is_channels_last
+
 Vector = list[Tensor]
 
 __all__ = ["AndersonMixer", "SolveStats", "minres"]
@@ -93,16 +95,14 @@ def minres(apply: Callable[[Vector], Vector], b: Vector, *, max_iter: int, tol: 
 def _flat(x: Tensor) -> Tensor:
     """(batch, n) view of x in its memory order (contiguous or channels-last); a copy otherwise."""
     b = x.shape[0]
-    if x.is_contiguous():
-        return x.view(b, -1)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return x.permute(0, 2, 3, 1).reshape(b, -1)
     return x.reshape(b, -1)
 
 
 def _unflat(flat: Tensor, like: Tensor) -> Tensor:
     """The inverse of `_flat` into like's shape, keeping a channels-last layout."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(like):
         n, c, h, w = like.shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(like.shape)
@@ -152,8 +152,9 @@ class AndersonMixer:
         dots = None
         for gl, fl, xt, gt in zip(self.g, self.f, x, g):
             gl[:, slot] = _flat(gt)
-            fl[:, slot] = _flat(gt) - _flat(xt)
-            d = torch.bmm(fl[:, slot].unsqueeze(1), fl.transpose(1, 2)).squeeze(1)  # (batch, m); faster than F f
+            f_new = fl[:, slot]
+            f_new.copy_(gl[:, slot]).sub_(_flat(xt))  # G(x) - x written in place, no temporary
+            d = torch.bmm(f_new.unsqueeze(1), fl.transpose(1, 2)).squeeze(1)  # (batch, m); faster than F f
             dots = d if dots is None else dots + d
         dots = dots.double()
         gram = self.gram
