@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every CUDA path of eqprop in one call, for the first machine with a GPU (at most ~8 minutes):
 #   bash benchmarks/gpu_check.sh [OUT]          (default OUT=gpu_check; PY=.venv/bin/python)
-# 1. environment (nvidia-smi, torch, cuDNN);  2. the CUDA tests of the suite (pytest -m cuda);
+# 1. environment (nvidia-smi, torch, cuDNN);  2. the CUDA tests of the suite (pytest -m cuda;
+#    compiled sweeps against eager ones among them);
 # 3. synthetic CIFAR-10 files; a 2-epoch run of the 3-block L=6 config on them with bfloat16
 #    relaxations, stopped after epoch 1 and resumed (checkpoints on the GPU);
 # 4. benchmarks: the device's peak, relaxation throughput (eager, channels_last, bfloat16, CUDA
@@ -26,7 +27,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, \
 torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
-step tests_cuda 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider
+step tests_cuda 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider
 step data 30 "$PY" benchmarks/synthetic_data.py cifar10 "$OUT/data" --per-batch 1024
 COMMON=(data_dir="$OUT/data" out_dir="$OUT/run" device=cuda batch_size=256 limit_train=2048 limit_test=512
         relax_dtype=bfloat16 progress=false tensorboard=false)

@@ -30,9 +30,9 @@ def relax_variants(device, compile_: bool) -> list[dict]:
 
 
 def sweeps(block: EnergyBlock, u: torch.Tensor, T: int, step: Callable) -> State:
-    """T sweeps of `block` from zeros by `step` (the block's `step` or a compiled copy), in the
-    block's relaxation dtype and without tolerance checks: the loop of `block.relax` as the
-    compiled and CUDA-graph variants run it."""
+    """T sweeps of `block` from zeros by `step` (the block's `step`), in the block's relaxation
+    dtype and without tolerance checks: the loop of `block.relax` as the CUDA-graph variant
+    captures it."""
     low = block.relax_dtype
     with torch.no_grad(), torch.autocast(u.device.type, dtype=low, enabled=low is not None):
         uu = u if low is None else u.to(low)
@@ -83,8 +83,9 @@ def relax_fn(model: FFEBM, us: list[torch.Tensor], mode: str, T: int) -> Callabl
     """One free phase of every block (T sweeps) in the given mode (eager, compile, cuda_graph)."""
     blocks = model.blocks
     if mode == "compile":
-        steps = [torch.compile(b.step, dynamic=False) for b in blocks]
-        return lambda: [sweeps(b, u, T, st) for b, u, st in zip(blocks, us, steps)]
+        # the library's own compiled path (compile_sweep) on a copy, so later variants stay eager
+        twin = copy.deepcopy(model).configure_blocks(compile_sweep=True)
+        return lambda: [b.relax(u, T=T, tol=None) for b, u in zip(twin.blocks, us)]
     if mode == "cuda_graph":
         # a private copy: the graphs keep reading its parameters, which later `configure` calls on
         # `model` (memory-format changes reallocate them) would otherwise free under them

@@ -85,3 +85,26 @@ def test_a_fixed_length_relaxation_synchronises_the_host_once():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_compiled_sweeps_on_cuda_equal_eager_and_synchronise_once(dtype):
+    block = _block().cuda().configure(relax_dtype=dtype)
+    u = torch.randn(8, 3, 8, 8, device="cuda")
+    eager, _ = block.relax(u)
+    block.configure(compile_sweep=True)
+    compiled, stats = block.relax(u)  # compiles (triton kernels: fused bias, activation)
+    assert stats.iters == 40
+    for a, b in zip(eager, compiled):
+        assert rel_error(b, a) < (1e-5 if dtype is None else 0.05)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            block.relax(u)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1

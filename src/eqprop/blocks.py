@@ -39,7 +39,17 @@ __all__ = ["State", "RelaxStats", "RelaxRecord", "DivergenceError", "relative_ch
            "RELAX_SETTINGS"]
 
 RELAX_SETTINGS = ("T1", "tol", "update", "first", "check_every", "relax_dtype", "check_inputs", "device", "omega",
-                  "anderson")
+                  "anderson", "compile_sweep")
+
+# each block compiles its sweep once per (batch shape, nudged or not, held output, dtype);
+# past this many graphs for one block, torch.compile would fall back to eager sweeps
+COMPILE_RECOMPILE_LIMIT = 32
+
+
+def _compiled_sweep(block: EnergyBlock, s: State, u: Tensor, nudge: Tensor | None, hold_last: bool) -> State:
+    """One sweep as a pure function of the states (no memoised forward maps): the unit that
+    `compile_sweep` hands to torch.compile, so the tolerance checks stay outside the graph."""
+    return block.step(s, u, nudge, None, hold_last)
 
 
 class DivergenceError(RuntimeError):
@@ -182,6 +192,12 @@ class EnergyBlock(nn.Module):
                     that minimise the combined residual; stops on the same criterion
                     (relative change of one plain sweep). Same fixed points
       omega and anderson are numerical solvers, not circuits: a device model refuses them.
+      compile_sweep: run the relaxation's sweeps through torch.compile (one graph per sweep,
+                    compiled on first use per batch shape and phase kind; fused bias,
+                    activation and over-relaxation kernels on a GPU). The tolerance checks, the
+                    nudge and Anderson mixing stay eager; forward maps are not memoised
+                    across sweeps (a routed coupling re-pools once per sweep). Not with a
+                    device model (its read noise is drawn per relaxation)
     After each forward, `last_relax` holds the `RelaxStats` of its phases: 'free', and the
     phases the estimator's backward ran ('nudged+', 'nudged-', 'adjoint', ...).
 
@@ -193,10 +209,12 @@ class EnergyBlock(nn.Module):
                  update: str = "async", first: str = "odd", check_every: int | None = None,
                  estimator: object = None, name: str | None = None, relax_dtype: torch.dtype | None = None,
                  check_inputs: bool = True, device: Device | dict | None = None, omega: float = 1.0,
-                 anderson: int = 0):
+                 anderson: int = 0, compile_sweep: bool = False):
         super().__init__()
         self.activations = list(activations)
         self.omega, self.anderson = omega, anderson
+        self.compile_sweep = compile_sweep
+        self._compiled: Callable | None = None  # the torch.compile'd sweep, built at first use
         self.relax_dtype = relax_dtype
         self.T1, self.tol, self.update, self.first, self.check_every = T1, tol, update, first, check_every
         self.check_inputs = check_inputs
@@ -377,6 +395,22 @@ class EnergyBlock(nn.Module):
                     s[l] = new if omega == 1 else torch.lerp(s[l], new, omega)
         return s
 
+    def compiled_sweep(self) -> Callable[[EnergyBlock, State, Tensor, Tensor | None, bool], State]:
+        """This block's torch.compile'd sweep, `(block, s, u, nudge, hold_last) -> new s`.
+
+        One compiled function per block with its own cache of graphs (isolated recompiles),
+        so many blocks or phase kinds do not exhaust one shared recompile limit; a graph
+        break is an error (fullgraph), never a silent fall back to eager sweeps."""
+        if self._compiled is None:
+            self._compiled = torch.compile(_compiled_sweep, fullgraph=True, recompile_limit=COMPILE_RECOMPILE_LIMIT,
+                                           isolate_recompiles=True)
+        return self._compiled
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        # a compiled sweep is rebuilt on use: never pickled, and a deep copy compiles its own
+        return {**state, "_compiled": None}
+
     def init_state(self, u: Tensor) -> State:
         """Zero states; image-shaped layers take the memory format of an image-shaped u, so a
         channels-last input (e.g. the trainer's `channels_last=true`) keeps every convolution,
@@ -444,12 +478,16 @@ class EnergyBlock(nn.Module):
         every = self.check_every or (1 if u.device.type == "cpu" else 10)
         cache: dict = {}
         mixer = AndersonMixer(self.anderson) if self.anderson else None
+        compiled = self.compiled_sweep() if self.compile_sweep and preactivations is None else None
         t = 0
         converged = None if tol is None else False
         change = None
         while t < T:
             current = nudge(s[-1]) if callable(nudge) else nudge
-            new = self.step(s, u, current, cache, hold_last, preactivations)
+            if compiled is not None:
+                new = compiled(self, s, u, current, hold_last)
+            else:
+                new = self.step(s, u, current, cache, hold_last, preactivations)
             t += 1
             if callback is not None:
                 callback(t, new)
@@ -495,6 +533,8 @@ class EnergyBlock(nn.Module):
         check_choice(self.block_name, "first", self.first, ("odd", "even"))
         check_positive(self.block_name, "omega", self.omega, below=2)
         check_nonnegative_int(self.block_name, "anderson", self.anderson)
+        if not isinstance(self.compile_sweep, bool):
+            raise ValueError(f"{self.block_name}: compile_sweep must be True or False, got {self.compile_sweep!r}")
         if not isinstance(self.check_inputs, bool):
             raise ValueError(f"{self.block_name}: check_inputs must be True or False, got {self.check_inputs!r}")
         if self.relax_dtype is not None and not (isinstance(self.relax_dtype, torch.dtype)
@@ -506,6 +546,9 @@ class EnergyBlock(nn.Module):
                 raise ValueError(f"{self.block_name}: omega and anderson are numerical solvers, not circuits; a "
                                  f"device model runs the plain iteration (got omega={self.omega!r}, "
                                  f"anderson={self.anderson!r}): set omega=1 and anderson=0, or device=None")
+            if self.compile_sweep:
+                raise ValueError(f"{self.block_name}: compile_sweep does not apply to a device model (its couplings "
+                                 f"read noisy weights drawn per relaxation); set compile_sweep=False or device=None")
             if self.relax_dtype is not None:
                 raise ValueError(f"{self.block_name}: a device model runs the relaxation in the parameters' dtype; "
                                  f"set relax_dtype=None (got {self.relax_dtype!r}) or device=None")

@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "fp32",         # fp32 | bf16 | fp16: autocast of the feedforward parts
     "relax_dtype": None,         # null | bfloat16 | float16: dtype of the relaxations (block.relax_dtype)
     "channels_last": False,      # NHWC layout for image models
-    "compile": False,            # torch.compile the model
+    "compile": False,            # torch.compile every energy-based block's sweep (block.compile_sweep)
     "out_dir": None,             # null: runs/<name>
     "resume": False,             # continue from <out_dir>/checkpoint.pt
     "progress": True,            # tqdm progress bars
@@ -81,8 +81,9 @@ DEFAULTS: dict[str, Any] = {
     "monitor_fidelity": 0,       # every N steps: the estimator against ID (cosines) on a fixed training batch (0: off)
 }
 
-# model keys that are relaxation settings of the blocks (relax_dtype is a top-level key)
-RELAX_KEYS = tuple(k for k in RELAX_SETTINGS if k != "relax_dtype")
+# model keys that are relaxation settings of the blocks (relax_dtype and compile_sweep are
+# the top-level keys relax_dtype and compile)
+RELAX_KEYS = tuple(k for k in RELAX_SETTINGS if k not in ("relax_dtype", "compile_sweep"))
 
 # settings a resumed run cannot change, and why
 FIXED_ON_RESUME = {

@@ -40,8 +40,8 @@ from ..registry import set_estimator
 from ..spiking import make_spiking_
 from .config import RELAX_KEYS, ConfigError
 
-__all__ = ["CONV_OPTIONS", "DTYPES", "RELAX_KEYS", "build_model", "configure_estimator", "configure_relax_dtype",
-           "estimator_settings", "model_inputs", "relax_summary"]
+__all__ = ["CONV_OPTIONS", "DTYPES", "RELAX_KEYS", "build_model", "configure_compile", "configure_estimator",
+           "configure_relax_dtype", "estimator_settings", "model_inputs", "relax_summary"]
 
 CONV_OPTIONS = ("readout", "output_bias", "pad_to")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -237,13 +237,15 @@ def build_model(cfg: dict, data_info: dict[str, Any]) -> nn.Module:
         except ValueError as e:
             raise ConfigError(f"model.binary={binary!r}: {e}") from e
     if kind == "mlp":  # no energy-based block: model.learning is the rule (eqprop.target_prop)
-        if cfg["algorithm"] != "ep" or cfg.get("relax_dtype") is not None:
+        if cfg["algorithm"] != "ep" or cfg.get("relax_dtype") is not None or cfg.get("compile"):
             raise ConfigError(f"model.kind=mlp has no energy-based block: its learning rule is model.learning (dtp, "
-                              f"dtp-ldrl or bp); leave algorithm at ep and relax_dtype null, got algorithm="
-                              f"{cfg['algorithm']} relax_dtype={cfg.get('relax_dtype')}")
+                              f"dtp-ldrl or bp); leave algorithm at ep, relax_dtype null and compile false, got "
+                              f"algorithm={cfg['algorithm']} relax_dtype={cfg.get('relax_dtype')} "
+                              f"compile={cfg.get('compile')}")
         return model
     configure_estimator(model, cfg)
     configure_relax_dtype(model, cfg)
+    configure_compile(model, cfg)
     return model
 
 
@@ -274,6 +276,20 @@ def configure_relax_dtype(model: nn.Module, cfg: dict) -> None:
         raise ConfigError(f"relax_dtype={name}: {type(model).__name__} has no energy-based block whose relaxation "
                           f"it could set; remove relax_dtype (precision= sets autocast for the other parts)")
     configure_blocks(model, relax_dtype=DTYPES[name])
+
+
+def configure_compile(model: nn.Module, cfg: dict) -> None:
+    """compile=true: every energy-based block runs its relaxation sweeps through torch.compile
+    (`EnergyBlock.compile_sweep`); the feedforward parts, run once per step, stay eager."""
+    if not cfg.get("compile"):
+        return
+    if not any(isinstance(m, EnergyBlock) for m in model.modules()):
+        raise ConfigError(f"compile=true compiles the relaxation sweeps of energy-based blocks and "
+                          f"{type(model).__name__} has none; set compile=false")
+    try:
+        configure_blocks(model, compile_sweep=True)
+    except ValueError as e:
+        raise ConfigError(f"compile=true: {e}") from e
 
 
 def relax_health(model: nn.Module) -> dict[str, float]:

@@ -328,8 +328,6 @@ class Trainer:
         if cfg["sync_batchnorm"] and self.dist.enabled:
             self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net: nn.Module = distributed.wrap(self.model, self.dist)
-        if cfg["compile"]:
-            self.net = torch.compile(self.net)
         self.optimizer = make_optimizer(self.model, cfg["optim"])
         # blocks with a device model: every optimizer step is a device write (eqprop.devices)
         self.device_hooks = attach_device_writes(self.optimizer, self.model)
