@@ -27,8 +27,8 @@ __all__ = ["FFEBM", "conv_ffebm", "dense_ffebm", "configure_blocks", "relax_stat
 
 def configure_blocks(model: nn.Module, **settings: Any) -> nn.Module:
     """Set relaxation settings (any of eqprop.blocks.RELAX_SETTINGS: T1, tol, update, first,
-    check_every, relax_dtype, check_inputs, device) on every energy-based block of `model`;
-    nothing changes if one is invalid."""
+    check_every, relax_dtype, check_inputs, device, omega, anderson, compile_sweep) on every
+    energy-based block of `model`; nothing changes if one is invalid."""
     blocks = [m for m in model.modules() if isinstance(m, EnergyBlock)]
     if not blocks:
         raise ValueError(f"configure_blocks: {type(model).__name__} holds no energy-based block")
