@@ -1,4 +1,4 @@
-"""`eqprop analyze`: dispatch to one analysis (gdd, splitting, rhel, fidelity).
+"""`eqprop analyze`: dispatch to one analysis (gdd, splitting, rhel, fidelity, stability).
 
 Each analysis module provides `add_arguments(parser)` and `run(args) -> int`; it is
 imported only when its analysis runs, and parses the options after the analysis name.
@@ -17,6 +17,8 @@ ANALYSES = {
     "rhel": ("eqprop.analysis.rhel", "Recurrent Hamiltonian Echo Learning vs BPTT"),
     "fidelity": ("eqprop.analysis.fidelity",
                  "EP (variants, free or held pooling) against ID and BPTT, at initialisation and checkpoints"),
+    "stability": ("eqprop.analysis.stability",
+                  "per block and sample, how strongly the sweep contracts at the free state of a checkpoint"),
 }
 
 
