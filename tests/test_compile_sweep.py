@@ -48,6 +48,9 @@ def test_compile_sweep_settings_are_checked():
     with pytest.raises(ValueError, match="compile_sweep does not apply to a device model"):
         block.configure(compile_sweep=True, device={"read_noise": 0.01})
     assert block.compile_sweep is False and block.device is None
+    spiking = SpikingDenseHopfield.from_dense(DenseHopfield([3, 4]))
+    with pytest.raises(ValueError, match="spiking neurons do not run"):
+        spiking.configure(compile_sweep=True)
 
 
 def test_compile_config_key(tmp_path):

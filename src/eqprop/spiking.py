@@ -139,6 +139,9 @@ class SpikingDenseHopfield(DenseHopfield):
             raise ValueError(f"{owner}: spiking dynamics are simulated as they are; omega and anderson (solvers of "
                              f"the rate-based fixed point) must stay 1 and 0, got omega={self.omega!r}, "
                              f"anderson={self.anderson!r}")
+        if getattr(self, "compile_sweep", False):
+            raise ValueError(f"{owner}: compile_sweep compiles the rate-based sweep, which spiking neurons do not "
+                             f"run; set compile_sweep=False")
 
     def configure(self, **settings) -> SpikingDenseHopfield:
         """Set relaxation and spike settings; nothing changes if one is invalid."""
