@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eqprop import EP, FFEBM, ConvHopfield, DenseHopfield, set_estimator
+from eqprop.spiking import SpikingDenseHopfield
 from eqprop.training.config import ConfigError
 from eqprop.training.models import build_model
 from test_training_helpers import synthetic_images, tiny_config
