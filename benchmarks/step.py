@@ -59,7 +59,8 @@ def part_step(models, batches, div, device, repeats: int) -> list[dict]:
 
 # Each variant: layout ('nchw' or 'channels_last': parameters and input), tol (the free phase's,
 # block.tol), ep_tol (EP's nudged phases), estimator ('ep' or 'id'), relax_dtype, and the
-# relaxation solver (block.anderson, block.omega: every relaxation of the block, nudged ones too).
+# relaxation solver (block.anderson, block.omega: every relaxation of the block, nudged ones too);
+# compile: block.compile_sweep (compiled during the untimed gradient pass of each variant).
 VARIANTS = {
     "f32": {},
     "f32_cl": {"layout": "channels_last"},
@@ -82,6 +83,12 @@ VARIANTS = {
     "f32_cl_tol1e-5_sor1.4": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "omega": 1.4},
     "id_cl_tol1e-5_sor1.2": {"layout": "channels_last", "tol": 1e-5, "estimator": "id", "omega": 1.2},
     "id_cl_tol1e-5_sor1.4": {"layout": "channels_last", "tol": 1e-5, "estimator": "id", "omega": 1.4},
+    "f32_cl_tol1e-5_sor1.2_mirror_compile": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "omega": 1.2,
+                                             "mirror": True, "compile": True},
+    "f32_cl_tol1e-5_ep1e-4_sor1.2_compile": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-4, "omega": 1.2,
+                                             "compile": True},
+    "f32_cl_tol1e-5_mirror_compile": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "mirror": True,
+                                      "compile": True},
 }
 
 
@@ -91,7 +98,8 @@ def apply_variant(model, x: torch.Tensor, v: dict, T2: int) -> torch.Tensor:
     model.to(memory_format=fmt)
     dtype = v.get("relax_dtype")
     model.configure_blocks(tol=v.get("tol"), relax_dtype=None if dtype is None else getattr(torch, dtype),
-                           anderson=v.get("anderson", 0), omega=v.get("omega", 1.0))
+                           anderson=v.get("anderson", 0), omega=v.get("omega", 1.0),
+                           compile_sweep=v.get("compile", False))
     if v.get("estimator", "ep") == "ep":
         model.set_estimator("ep", beta=BETA, T2=T2, tol=v.get("ep_tol"), mirror=v.get("mirror", False))
     else:
