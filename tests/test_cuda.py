@@ -70,21 +70,26 @@ def test_bfloat16_relaxation_on_cuda_runs_and_stays_close_to_float32():
     assert rel_error(s16[-1], s32[-1]) < 0.05
 
 
+def _host_syncs(fn) -> int:
+    """How many host-device synchronisations fn() causes (CUDA's sync debug warnings)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return len([w for w in caught if "synchroniz" in str(w.message)])
+
+
 @pytest.mark.cuda
 @cuda
 def test_a_fixed_length_relaxation_synchronises_the_host_once():
     block = _block().cuda()
     u = torch.randn(8, 3, 8, 8, device="cuda")
     block.relax(u)  # warm-up (allocations, cuDNN)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            block.relax(u)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
+    assert _host_syncs(lambda: block.relax(u)) <= 1
 
 
 @pytest.mark.cuda
@@ -99,12 +104,4 @@ def test_compiled_sweeps_on_cuda_equal_eager_and_synchronise_once(dtype):
     assert stats.iters == 40
     for a, b in zip(eager, compiled):
         assert rel_error(b, a) < (1e-5 if dtype is None else 0.05)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            block.relax(u)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
+    assert _host_syncs(lambda: block.relax(u)) <= 1
