@@ -21,10 +21,12 @@ def _linear_block(seed: int, slope: float, omega: float = 1.0, update: str = "as
     g = torch.Generator().manual_seed(seed)
     b = DenseHopfield([5, 4], activation="hardsigmoid", slope=slope, T1=2000, tol=1e-13, omega=omega,
                       update=update).double()
+    # slope * current stays inside (0, 1) for every unit: layer 1 in [0.45, 0.81), layer 2 in
+    # [0.4, 0.66), for any slope <= 0.9 and states in [0, 1]
     with torch.no_grad():
-        b.couplings[0].core().weight.copy_(0.1 * torch.rand(4, 5, generator=g, dtype=torch.float64) + 0.05)
-        b.couplings[0].core().bias.fill_(0.3)
-    u = 0.8 + 0.05 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+        b.couplings[0].core().weight.copy_(0.05 * torch.rand(4, 5, generator=g, dtype=torch.float64) + 0.02)
+        b.couplings[0].core().bias.fill_(0.4 / slope)
+    u = (0.45 + 0.1 * torch.rand(3, 5, generator=g, dtype=torch.float64)) / slope
     return b, u
 
 
