@@ -46,8 +46,10 @@ def sweep_rate(block: EnergyBlock, u: Tensor, s: State, iters: int = 60, seed: i
     def sweep(*xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(block.step(list(xs), u, None, None))
 
+    def scale(xs: State, c: Tensor) -> State:  # each sample's tensors times its factor
+        return [x * c.view(-1, *([1] * (x.dim() - 1))) for x in xs]
+
     logs = []
-    scale = lambda xs, c: [x * c.view(-1, *([1] * (x.dim() - 1))) for x in xs]  # noqa: E731
     v = scale(v, 1 / _per_sample_norm(v).clamp_min(1e-30))
     for k in range(iters):
         _, w = torch.func.jvp(sweep, primals, tuple(v))
