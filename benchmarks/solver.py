@@ -19,11 +19,8 @@ from pathlib import Path
 
 import torch
 
+from eqprop.analysis.common import block_inputs, trained_model, training_batches
 from eqprop.blocks import relative_change
-from eqprop.data import DeviceLoader, default_std_factor, load_dataset
-from eqprop.training import checkpoint as ckpt_io
-from eqprop.training.config import DEFAULTS, merge
-from eqprop.training.models import build_model, model_inputs
 
 SETTINGS = [
     {"name": "plain", "omega": 1.0, "anderson": 0},
@@ -35,29 +32,6 @@ SETTINGS = [
     {"name": "anderson8", "omega": 1.0, "anderson": 8},
     {"name": "anderson5_omega1.2", "omega": 1.2, "anderson": 5},
 ]
-
-
-def trained(path: Path, data_dir: str | None) -> tuple[torch.nn.Module, dict, object]:
-    """The model saved in a training checkpoint, its config and its training set."""
-    state = ckpt_io.load(path)
-    cfg = merge(DEFAULTS, state["config"], allow_new=True)
-    train = load_dataset(cfg["dataset"], "train", data_dir or cfg["data_dir"], **cfg["dataset_options"])
-    model = build_model(cfg, model_inputs(train))
-    ckpt_io.load_model_state(model, state["model"], path)
-    return model.train(), cfg, train
-
-
-def block_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each block's input current during a training forward of x (free phases as configured)."""
-    inputs: list[torch.Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
 
 
 def measure(block, u: torch.Tensor, tols: list[float], T: int) -> list[dict]:
@@ -128,13 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--labels: {len(labels)} names for {len(args.checkpoints)} checkpoints")
     result = {"settings": SETTINGS, "tols": args.tols, "T": args.T, "batch": args.batch, "runs": []}
     for path, label in zip(args.checkpoints, labels):
-        model, cfg, train = trained(Path(path), args.data_dir)
-        std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(train.name)
-        loader = DeviceLoader(train, args.batch, train=False, augment=False, std_factor=std,
-                              limit=args.batch * args.batches)
+        model, cfg, train, _ = trained_model(path, args.data_dir)
         rows = []
-        for i, (x, _) in enumerate(loader):
-            for block, u in zip(model.blocks, block_inputs(model, x)):
+        for i, (x, _) in enumerate(training_batches(cfg, train, args.batch, args.batches)):
+            for block, u in zip(model.blocks, block_inputs(model, x, relaxed=True)):
                 rows += [{"batch": i, "block": block.block_name, **r} for r in measure(block, u, args.tols, args.T)]
         result["runs"].append({"label": label, "checkpoint": str(path), "rows": rows})
         print(f"{label}: {len(rows)} relaxations")

@@ -139,7 +139,7 @@ class SpikingDenseHopfield(DenseHopfield):
             raise ValueError(f"{owner}: spiking dynamics are simulated as they are; omega and anderson (solvers of "
                              f"the rate-based fixed point) must stay 1 and 0, got omega={self.omega!r}, "
                              f"anderson={self.anderson!r}")
-        if getattr(self, "compile_sweep", False):
+        if self.compile_sweep:
             raise ValueError(f"{owner}: compile_sweep compiles the rate-based sweep, which spiking neurons do not "
                              f"run; set compile_sweep=False")
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import EnergyBlock, State
+from .common import block_inputs, trained_model, training_batches
 
 __all__ = ["sweep_rate", "active_fraction", "add_arguments", "run"]
 
@@ -81,44 +82,20 @@ def _bad(message: str) -> ValueError:
 
 def measure_checkpoint(path: Path, batches: int, batch: int, T: int, tol: float, iters: int,
                        data_dir: str | None, omega: float | None = None) -> dict:
-    from ..data import DeviceLoader, load_dataset
-    from ..training import checkpoint as ckpt_io
-    from ..training.config import DEFAULTS, merge
-    from ..training.models import build_model, model_inputs
-
-    state = ckpt_io.load(path)
-    cfg = merge(DEFAULTS, state["config"], allow_new=True)
-    train = load_dataset(cfg["dataset"], "train", data_dir or cfg["data_dir"], **cfg["dataset_options"])
-    model = build_model(cfg, model_inputs(train))
-    ckpt_io.load_model_state(model, state["model"], path)
-    model.train()
-    blocks = [m for m in model.modules() if isinstance(m, EnergyBlock)]
+    model, cfg, train, pos = trained_model(path, data_dir)
     if omega is not None:
-        for b in blocks:
-            b.configure(omega=omega)
-    inputs: list[Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for b in blocks]
+        model.configure_blocks(omega=omega)
     rows = []
-    loader = DeviceLoader(train, batch, train=False)
-    try:
-        for i, (x, _) in enumerate(loader):
-            if i == batches:
-                break
-            inputs.clear()
+    for i, (x, _) in enumerate(training_batches(cfg, train, batch, batches)):
+        # each block's input current of a training forward (batch norm in training mode)
+        for b, u in zip(model.blocks, block_inputs(model, x, relaxed=True)):
+            s, st = b.relax(u, T=T, tol=tol)
             with torch.no_grad():
-                model(x)  # each block's input current (batch-norm in training mode, as in a step)
-            for b, u in zip(blocks, inputs):
-                s, st = b.relax(u, T=T, tol=tol)
-                with torch.no_grad():
-                    rate = sweep_rate(b, u, s, iters)
-                    act = active_fraction(b, u, s)
-                rows.append({"batch": i, "block": b.block_name, "omega": b.omega, "sweeps": st.iters,
-                             "converged": bool(st.converged), "residual": st.residual,
-                             "rate": rate.tolist(), "active": act.tolist()})
-    finally:
-        for h in hooks:
-            h.remove()
-    pos = state["position"]
+                rate = sweep_rate(b, u, s, iters)
+                act = active_fraction(b, u, s)
+            rows.append({"batch": i, "block": b.block_name, "omega": b.omega, "sweeps": st.iters,
+                         "converged": bool(st.converged), "residual": st.residual,
+                         "rate": rate.tolist(), "active": act.tolist()})
     return {"checkpoint": str(path), "algorithm": cfg["algorithm"], "slope": cfg["model"].get("slope"),
             "epoch": pos["epoch"], "step_in_epoch": pos["step"], "rows": rows}
 
