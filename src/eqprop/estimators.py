@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .blocks import EnergyBlock, RelaxRecord, RelaxStats, State, relative_change, target_like
+from .couplings import is_channels_last
 from .precision import check_precision, low_dtype, relax_with_precision
 from .routing import held_routing
 from .solvers import minres
@@ -76,7 +77,7 @@ def error_scale(delta: Tensor, mode: str) -> Tensor:
     """
     if mode == "none":
         return torch.ones((), dtype=delta.dtype, device=delta.device)
-    norms = torch.linalg.vector_norm(delta.flatten(1), dim=1)
+    norms = torch.linalg.vector_norm(delta, dim=tuple(range(1, delta.dim())))  # no copy of a channels-last delta
     if mode == "batch":
         return norms.mean()
     return norms
@@ -177,6 +178,10 @@ class _EquilibriumFunction(torch.autograd.Function):
             params = block_parameters(ctx.block)
             return (torch.full_like(u, nan) if ctx.needs_input_grad[0] else None, None, None, None, None, None,
                     *[torch.full_like(p, nan) for p in params])
+        if is_channels_last(s[-1]) and not is_channels_last(grad_out):
+            # autograd delivers the error current in its own layout (a readout's flatten gives a
+            # contiguous one); every nudged sweep adds it to the state's pre-activation
+            grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_u, grads = ctx.est.gradients(ctx.block, u, s, grad_out, ctx.target, ctx.record, ctx.needs_input_grad[0])
         return (grad_u, None, None, None, None, None, *grads)
 
