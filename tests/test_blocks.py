@@ -223,3 +223,31 @@ def test_channels_last_relaxation_and_ep_gradient_match_nchw():
         grads.append([p.grad.clone() for p in block.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_channels_last_block_gets_its_error_current_in_its_layout():
+    """A readout's flatten hands autograd's error current back contiguous; the block's
+    estimator gets it channels-last like its states (no mixed-layout add per nudged sweep),
+    with the same EP gradients as in NCHW (float64)."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True, kw_only=True)
+    class Spy(EP):
+        def gradients(self, block, u, s, delta, target, record, need_input):
+            layouts.append(delta.is_contiguous(memory_format=torch.channels_last) and not delta.is_contiguous())
+            return super().gradients(block, u, s, delta, target, record, need_input)
+
+    layouts: list[bool] = []
+    torch.manual_seed(0)
+    model = FFEBM(ConvHopfield([2, 3, 4], pools="--", in_size=6, init="kaiming", alpha=0.9, T1=30,
+                               estimator=Spy(beta=0.1, T2=10)), nn.Flatten(), nn.Linear(4 * 36, 3)).double()
+    x = torch.rand(5, 2, 6, 6, dtype=torch.float64)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad()
+        model.to(memory_format=fmt)
+        model(x.contiguous(memory_format=fmt)).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert layouts == [False, True]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
