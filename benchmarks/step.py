@@ -87,6 +87,11 @@ VARIANTS = {
                                              "mirror": True, "compile": True},
     "f32_cl_tol1e-5_ep1e-4_sor1.2_compile": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-4, "omega": 1.2,
                                              "compile": True},
+    "f32_cl_tol1e-5_ep1e-4_sor1.2_mirror": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-4, "omega": 1.2,
+                                            "mirror": True},
+    "f32_cl_tol1e-5_ep1e-3_sor1.2": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-3, "omega": 1.2},
+    "f32_cl_tol1e-4_ep1e-4_sor1.2": {"layout": "channels_last", "tol": 1e-4, "ep_tol": 1e-4, "omega": 1.2},
+    "f32_cl_tol1e-5_ep1e-4_sor1.4": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-4, "omega": 1.4},
     "f32_cl_tol1e-5_mirror_compile": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "mirror": True,
                                       "compile": True},
 }
