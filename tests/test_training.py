@@ -187,12 +187,14 @@ def test_hssm_kind_dispatches_to_build_hssm(tmp_path):
     x = torch.randn(48, 6, 2, generator=g) + y[:, None, None].float()
     seq = Dataset(x=x, y=y, num_classes=3, mean=(0.0, 0.0), std=(1.0, 1.0), name="toy", kind="sequence")
     cfg = tiny_config(tmp_path, "model={kind: hssm, hidden: 8, state_size: 4, n_blocks: 1}", "algorithm=rhel",
-                      "estimator.rhel.eps=0.01", "epochs=1")
+                      "estimator.rhel.eps=0.01", "epochs=1", "channels_last=false")
     trainer = Trainer(cfg, seq, seq, **QUIET)
     assert isinstance(trainer.model, HSSM) and trainer.model.in_features == 2
     assert trainer.fit()["status"] == "completed"
     with pytest.raises(ConfigError, match="model.kind=conv needs images"):
-        Trainer(tiny_config(tmp_path), seq, seq, **QUIET)
+        Trainer(tiny_config(tmp_path, "channels_last=false"), seq, seq, **QUIET)
+    with pytest.raises(ConfigError, match="channels_last=true lays out 4-d image batches; dataset 'toy' holds seq"):
+        Trainer({**cfg, "channels_last": True}, seq, seq, **QUIET)
 
 
 def image_info(shape=(1, 8, 8), classes=4):

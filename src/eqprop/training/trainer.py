@@ -304,6 +304,9 @@ class Trainer:
             train_set = load_dataset(cfg["dataset"], "train", cfg["data_dir"], **opts)
         if test_set is None:
             test_set = load_dataset(cfg["dataset"], "test", cfg["data_dir"], **opts)
+        if cfg["channels_last"] and train_set.kind != "image":
+            raise ConfigError(f"channels_last=true lays out 4-d image batches; dataset {train_set.name!r} holds "
+                              f"{train_set.kind}s: set channels_last=false")
         self.model = build_model(cfg, model_inputs(train_set)).to(self.device, self.dtype)
         fmt = torch.channels_last if cfg["channels_last"] else None
         if fmt is not None:
