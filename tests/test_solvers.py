@@ -89,16 +89,55 @@ def test_minres_adjoint_converges_where_the_fixed_point_adjoint_diverges():
     record = {}
     gu, grads = ID(solver="minres", tol=1e-13, max_iter=500).gradients(block, u, s, delta, None, record, True)
     assert record["adjoint"].converged and record["adjoint"].iters <= sum(sizes) + 1
-    # reference: lambda from a dense solve of (I - J)^T lambda = rhs, then lambda^T df/d(u, theta)
+    for got, want in zip([gu] + grads, _dense_reference(block, u, s, jac, sizes, delta)):
+        assert cosine(got, want) > 1 - 1e-10 and rel_error(got, want) < 1e-8
+
+
+def _dense_reference(block, u, s, jac, sizes, delta, damping=0.0):
+    """lambda from a dense solve of ((1 + damping) I - J)^T lambda = rhs, then lambda^T df/d(u, theta)."""
     rhs = torch.cat([torch.zeros(sum(sizes[:-1]), dtype=torch.float64), delta.flatten()])
-    lam = torch.linalg.solve((torch.eye(len(rhs), dtype=torch.float64) - jac).T, rhs)
+    lam = torch.linalg.solve(((1 + damping) * torch.eye(len(rhs), dtype=torch.float64) - jac).T, rhs)
     lam_s = [p.view_as(x) for p, x in zip(torch.split(lam, sizes), s)]
     u_in = u.clone().requires_grad_(True)
     params = block_parameters(block)
     pre = block.preactivations([x.detach() for x in s], u_in, list(range(4)))
-    ref = torch.autograd.grad([pre[l] for l in range(4)], [u_in] + params, grad_outputs=lam_s, allow_unused=True)
-    for got, want in zip([gu] + grads, ref):
-        assert cosine(got, want) > 1 - 1e-10 and rel_error(got, want) < 1e-8
+    return torch.autograd.grad([pre[l] for l in range(4)], [u_in] + params, grad_outputs=lam_s, allow_unused=True)
+
+
+@pytest.mark.parametrize("damping", [0.05, 0.5, 4.0])
+def test_damped_adjoint_solves_the_shifted_system(damping):
+    """damping mu: both solvers give ((1 + mu) I - J)^-T delta (the fixed-point iteration only
+    where the shift brings the synchronous radius below 1), a smaller gradient than mu = 0."""
+    block, u, s, jac, radius, sizes = _linear_block_beyond_the_synchronous_radius()
+    delta = torch.randn_like(s[-1])
+    ref = _dense_reference(block, u, s, jac, sizes, delta, damping)
+    solvers = [ID(solver="minres", tol=1e-13, max_iter=500, damping=damping)]
+    if radius / (1 + damping) < 0.9:
+        solvers.append(ID(tol=1e-14, max_iter=2000, damping=damping))
+    for est in solvers:
+        record = {}
+        gu, grads = est.gradients(block, u, s, delta, None, record, True)
+        assert record["adjoint"].converged, est
+        for got, want in zip([gu] + grads, ref):
+            assert cosine(got, want) > 1 - 1e-10 and rel_error(got, want) < 1e-8, est
+    assert len(solvers) == (2 if damping == 4.0 else 1)  # radius 3.15
+
+
+def test_damping_shrinks_the_adjoint_along_slow_modes():
+    """On a hard-sigmoid block near equilibrium, a damped adjoint is a discounted Neumann series:
+    its gradient norm does not exceed the exact one by more than rounding, and decreases with mu."""
+    torch.manual_seed(3)
+    block = DenseHopfield([5, 8, 4], slope=0.5, T1=500, tol=1e-13, init="kaiming").double()
+    u = torch.randn(4, 5, dtype=torch.float64)
+    s, stats = block.relax(u)
+    assert stats.converged
+    delta = torch.randn_like(s[-1])
+    norms = []
+    for mu in [0.0, 0.1, 1.0, 10.0]:
+        _, grads = ID(solver="minres", tol=1e-13, max_iter=500, damping=mu).gradients(block, u, s, delta, None,
+                                                                                   {}, False)
+        norms.append(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None)).item())
+    assert all(a > b for a, b in zip(norms, norms[1:])), norms
 
 
 def test_minres_settings_are_checked():
@@ -106,3 +145,6 @@ def test_minres_settings_are_checked():
         ID(solver="cg")
     with pytest.raises(ValueError, match="solver='minres' needs a tolerance"):
         ID(solver="minres", tol=None)
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="id: damping must be a finite number > 0"):
+            ID(damping=bad)

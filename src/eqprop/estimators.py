@@ -375,6 +375,11 @@ class ID(Estimator):
           isolated fixed point, including those only the asynchronous sweep reaches), in
           about the square root of the fixed-point iteration's count when it is positive
           definite (at a stable equilibrium). Needs elementwise activations (all built-in ones).
+    damping: mu >= 0 solves ((1 + mu) I - J^T) lambda = delta instead, i.e. the Neumann series
+      sum_k gamma^(k+1) (J^T)^k delta discounted by gamma = 1 / (1 + mu) (an effective horizon of
+      about 1/mu sweeps): the adjoint's gain along a slow mode of the sweep is bounded by 1/mu
+      instead of growing without bound as the Jacobian nears marginal stability. 0 (default): the
+      exact implicit gradient. The damped gradient is biased; docs/gradients.md measures it.
     At most `max_iter` iterations, stopping at relative change (fixed-point) or relative
     residual (minres) `tol`, checked every `check_every` iterations (each check is one
     host-device synchronisation; default 1 on CPU, 10 on GPU). The adjoint's iterations,
@@ -386,6 +391,7 @@ class ID(Estimator):
     tol: float | None = 1e-6
     check_every: int | None = None
     solver: str = "fixed-point"
+    damping: float = 0.0
     name: ClassVar[str] = "id"
 
     def validate(self) -> None:
@@ -393,6 +399,8 @@ class ID(Estimator):
         check_tol(self.name, self.tol)
         check_positive_int(self.name, "check_every", self.check_every, allow_none=True)
         check_choice(self.name, "solver", self.solver, ("fixed-point", "minres"))
+        if self.damping != 0:
+            check_positive(self.name, "damping", self.damping)
         if self.solver == "minres" and self.tol is None:
             raise ValueError("id: solver='minres' needs a tolerance tol (a number > 0), got None")
 
@@ -429,6 +437,8 @@ class ID(Estimator):
         while iters < self.max_iter:
             vjp = torch.autograd.grad(f, leaves, grad_outputs=lam, retain_graph=True, allow_unused=True)
             new = [d + (v if v is not None else 0) for d, v in zip(rhs, vjp)]
+            if self.damping:
+                new = [x / (1 + self.damping) for x in new]
             iters += 1
             check = self.tol is not None and (iters % every == 0 or iters == self.max_iter)
             if check or iters == self.max_iter:
@@ -456,9 +466,11 @@ class ID(Estimator):
             out = torch.autograd.grad(pre, leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
             return [torch.zeros_like(x) if o is None else o for o, x in zip(out, leaves)]
 
-        def system(x: State) -> State:  # (I - D^1/2 A D^1/2) x
+        scale = 1 + self.damping
+
+        def system(x: State) -> State:  # ((1 + mu) I - D^1/2 A D^1/2) x
             ax = hessian([r * xi for r, xi in zip(root, x)])
-            return [xi - r * a for xi, r, a in zip(x, root, ax)]
+            return [scale * xi - r * a for xi, r, a in zip(x, root, ax)]
 
         x, st = minres(system, [r * d for r, d in zip(root, rhs)], max_iter=self.max_iter, tol=self.tol,
                        check_every=every)
@@ -466,7 +478,7 @@ class ID(Estimator):
             raise RuntimeError(f"{block.block_name}: id's MINRES adjoint produced a non-finite residual after "
                                f"{st.iters} iterations (non-finite states or parameters?)")
         ax = hessian([r * xi for r, xi in zip(root, x)])
-        lam = [d + a for d, a in zip(rhs, ax)]
+        lam = [(d + a) / scale for d, a in zip(rhs, ax)]
         return lam, RelaxStats(st.iters, st.residual, st.converged)
 
 
