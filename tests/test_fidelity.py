@@ -57,6 +57,27 @@ def test_ep_agrees_with_id_as_beta_goes_to_zero_in_float64():
     assert large["worst_tensor_cos"] < 0.999
 
 
+def test_damped_id_rows(tmp_path):
+    """--id-damping: ID rows after the EP rows, compared with ID, BPTT and each EP row; a tiny
+    damping is close to the exact ID, a large one is not; the table names them; the figure
+    (EP rows only) is still drawn."""
+    pytest.importorskip("matplotlib")
+    assert analyze("--models", "dhn1", "--seeds", "0", "--betas", "0.2", "0.01", "--pools", "free",
+                   "--id-damping", "1e-6", "3", *TINY, "--dtype", "float64", "--out", str(tmp_path)) == 0
+    result = json.loads((tmp_path / "fidelity.json").read_text())
+    rows = result["models"]["dhn1"]["seeds"]
+    assert [r["estimator"] for r in rows] == ["ep", "ep", "id", "id"]
+    tiny, large = rows[2], rows[3]
+    assert tiny["damping"] == 1e-6 and tiny["pool"] == "damping 1e-06" and "switches" not in tiny
+    assert tiny["flat_cos"] > 1 - 1e-6 and large["flat_cos"] < tiny["flat_cos"]
+    assert [v["beta"] for v in tiny["vs_ep"]] == [0.2, 0.01]
+    # a negligible damping: its cosine with the EP row at beta 0.01 is that row's cosine with ID
+    assert tiny["vs_ep"][1]["flat_cos"] == pytest.approx(rows[1]["flat_cos"], abs=1e-6)
+    table = (tmp_path / "fidelity.md").read_text()
+    assert "| id | damping 3 |" in table and "| - |" in table
+    assert (tmp_path / "fidelity.png").stat().st_size > 1000
+
+
 def test_checkpoints_of_a_run(tmp_path):
     root = write_fashion_mnist(tmp_path / "data", n_train=64, n_test=16)
     out = tmp_path / "run"
@@ -83,6 +104,7 @@ def test_checkpoints_of_a_run(tmp_path):
     (["--seeds", "-1"], "--seeds must be"), (["--checkpoints", "/nonexistent/x"], "no such file or folder"),
     (["--T1", "0"], "--T1 must be a positive integer"), (["--anderson", "-1"], "--anderson must be"),
     (["--omega", "2"], "--omega must be in"), (["--ep-tol", "0"], "--ep-tol must be > 0"),
+    (["--id-damping", "0"], "--id-damping must be finite"), (["--id-damping", "inf"], "--id-damping must be"),
     (["--replot", "/nonexistent.json"], "--replot .*no such file")])
 def test_bad_options(argv, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

@@ -8,6 +8,9 @@ the energy blocks' tensors ("worst tensor"). It also counts, per block, the disc
 between the free state and the states EP contrasts (in-block max-pool argmaxes and
 hard-sigmoid regimes, `eqprop.analysis.gdd.switches`), which break EP's agreement at finite
 beta, and records the free phase's iterations, residual and fixed-point residual.
+`--id-damping MU ...` adds ID with a damped adjoint (`ID(damping=MU)`) as further rows, each
+also compared with every EP row of its batch ('vs_ep'): how close EP is to a slightly damped
+implicit gradient where the exact one is dominated by a slow mode of the sweep.
 
 Models: `dhn3` and `dhn1`, the L = 6 DHN of the splitting study cut into 3 blocks and unsplit
 (GOE V = 8.351e-5, slope 1, async, T1 = 60, a fixed Gaussian CIFAR-shaped batch), and
@@ -217,10 +220,12 @@ def count_switches(taps: list[tuple[EnergyBlock, Tensor, Tensor]], estimator: Co
 # ---- one model, one batch ----------------------------------------------------------------
 
 def measure(model: nn.Module, x: Tensor, y: Tensor, grid: list[dict], *, bptt_steps: int | None = None,
-            with_switches: bool = True, loss: Loss = F.cross_entropy, echo: Callable[[str], None] = print) -> dict:
+            with_switches: bool = True, loss: Loss = F.cross_entropy, echo: Callable[[str], None] = print,
+            id_damping: tuple[float, ...] = ()) -> dict:
     """The comparison of one model on one batch: {'reference': ID and BPTT on their own,
     'rows': one per EP setting of `grid` (dicts of EP settings, e.g. {'beta': 0.2, 'pool':
-    'held', 'variant': 'centered', 'T2': 20})}."""
+    'held', 'variant': 'centered', 'T2': 20}), then one per damping of `id_damping` (ID with
+    that damping, the reference's solver settings otherwise; 'vs_ep' against each EP row)}."""
     names = energy_parameter_names(model)
     t0 = time.process_time()
     ref, stats = gradients_and_stats(model, ID(**REFERENCE), x, y, loss)
@@ -229,26 +234,39 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, grid: list[dict], *, bptt_st
     reference = {"id_adjoint": [{"block": st["block"], **st.get("adjoint", {})} for st in stats], "free": free,
                  "cpu_s": time.process_time() - t0,
                  "bptt_steps": bptt_steps or "T1", "bptt_vs_id": _short(agreement(bptt, ref, names))}
-    rows = []
-    for settings in grid:
+    rows, ep_grads = [], []
+    for settings in grid + [{"damping": mu} for mu in id_damping]:
         t0 = time.process_time()
-        est = EP(**settings)
+        is_ep = "damping" not in settings
+        est = EP(**settings) if is_ep else ID(**{**REFERENCE, **settings})
         g = gradients_of(model, est, x, y, loss)
         vs_id, vs_bptt = agreement(g, ref, names), agreement(g, bptt, names)
-        row = {**settings, **{k: vs_id[k] for k in ("flat_cos", "worst_tensor_cos", "worst_tensor", "flat_rel")},
+        head = {"estimator": "ep", **settings} if is_ep else {
+            "estimator": "id", "beta": None, "variant": "id", "pool": f"damping {settings['damping']:g}", **settings}
+        row = {**head, **{k: vs_id[k] for k in ("flat_cos", "worst_tensor_cos", "worst_tensor", "flat_rel")},
                "flat_cos_bptt": vs_bptt["flat_cos"], "worst_tensor_cos_bptt": vs_bptt["worst_tensor_cos"],
                "per_tensor": {n: {"cos_id": v["cos"], "rel_id": v["rel"], "cos_bptt": vs_bptt["per_tensor"][n]["cos"],
                                   "rel_bptt": vs_bptt["per_tensor"][n]["rel"]} for n, v in vs_id["per_tensor"].items()},
                "free": free}
-        if with_switches:
+        if is_ep:
+            ep_grads.append((row, g))
+        else:
+            row["vs_ep"] = [{**{k: r[k] for k in ("beta", "variant", "pool")},
+                             **{k: a[k] for k in ("flat_cos", "worst_tensor_cos")}}
+                            for r, e in ep_grads for a in [agreement(g, e, names)]]
+        if with_switches and is_ep:
             row["switches"] = count_switches(block_taps(model, est, x, y, loss), est)
         row["cpu_s"] = time.process_time() - t0
         rows.append(row)
         sw = row.get("switches", {})
-        echo(f"  beta {settings['beta']:g} {settings['variant']} pool={settings['pool']}: flat cos "
+        what = (f"beta {settings['beta']:g} {settings['variant']} pool={settings['pool']}" if is_ep else
+                f"id damping {settings['damping']:g}" + "".join(
+                    f" (flat cos vs EP beta {v['beta']:g} {v['pool']}: {v['flat_cos']:.4f})" for v in row["vs_ep"]))
+        echo(f"  {what}: flat cos "
              f"{row['flat_cos']:.4f}, worst tensor {row['worst_tensor_cos']:.4f} ({row['worst_tensor']}); vs BPTT "
-             f"{row['flat_cos_bptt']:.4f} / {row['worst_tensor_cos_bptt']:.4f}; switches "
-             f"{sw.get('pool_argmax', '-')} argmax, {sw.get('hardsigmoid_regime', '-')} regime")
+             f"{row['flat_cos_bptt']:.4f} / {row['worst_tensor_cos_bptt']:.4f}"
+             + (f"; switches {sw.get('pool_argmax', '-')} argmax, {sw.get('hardsigmoid_regime', '-')} regime"
+                if is_ep else ""))
     return {"reference": reference, "rows": rows}
 
 
@@ -334,10 +352,11 @@ def _checkpoint(path: Path, seed: int, args: argparse.Namespace, dtype: torch.dt
 # ---- output -----------------------------------------------------------------------------
 
 def markdown(result: dict) -> str:
-    """One table row per model, step, beta, variant and pool: seeds side by side."""
+    """One table row per model, step, beta, variant and pool (damped ID: variant 'id', pool
+    'damping MU', and its flat cosine with the batch's first EP row): seeds side by side."""
     lines = ["| model | step | beta | variant | pool | worst tensor cos (per seed) | flat cos (per seed) | "
-             "worst vs BPTT | argmax / regime switches | free iters |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "worst vs BPTT | argmax / regime switches | free iters | flat cos vs first EP row |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         groups: dict[tuple, list[dict]] = {}
         for r in m["seeds"]:
@@ -349,18 +368,21 @@ def markdown(result: dict) -> str:
             worst = ", ".join(f"{r['worst_tensor_cos']:.3f}" for r in rows)
             flat = ", ".join(f"{r['flat_cos']:.4f}" for r in rows)
             bptt = ", ".join(f"{r['worst_tensor_cos_bptt']:.3f}" for r in rows)
-            lines.append(f"| {name} | {step} | {beta:g} | {variant} | {pool} | {worst} | {flat} | {bptt} | "
-                         f"{sw_text} | {iters} |")
+            vs_ep = ", ".join(f"{r['vs_ep'][0]['flat_cos']:.4f}" for r in rows if r.get("vs_ep")) or "-"
+            lines.append(f"| {name} | {step} | {'-' if beta is None else f'{beta:g}'} | {variant} | {pool} | {worst} | "
+                         f"{flat} | {bptt} | {sw_text} | {iters} | {vs_ep} |")
     return "\n".join(lines)
 
 
 def plot(result: dict, path: str | os.PathLike) -> None:
     """Left: worst-tensor and flat cosine against ID per model, beta and pool (seeds as
-    points). Right (when checkpoints were measured): both along training."""
+    points). Right (when checkpoints were measured): both along training. EP rows only."""
     plt = pyplot()
-    init = {n: [r for r in m["seeds"] if r.get("checkpoint") is None] for n, m in result["models"].items()}
+    models = {n: {"seeds": [r for r in m["seeds"] if r.get("estimator", "ep") == "ep"]}
+              for n, m in result["models"].items()}
+    init = {n: [r for r in m["seeds"] if r.get("checkpoint") is None] for n, m in models.items()}
     init = {n: rows for n, rows in init.items() if rows}
-    along = {n: [r for r in m["seeds"] if r.get("checkpoint") is not None] for n, m in result["models"].items()}
+    along = {n: [r for r in m["seeds"] if r.get("checkpoint") is not None] for n, m in models.items()}
     along = {n: rows for n, rows in along.items() if rows}
     ncols = max(len(init) + (1 if along else 0), 1)
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols + (2.5 if along else 0), 3.6), squeeze=False)
@@ -430,6 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="centered EP starts its -beta phase from the mirror image of the +beta one")
     parser.add_argument("--ep-tol", type=float, default=None,
                         help="EP's nudged phases stop at this relative change, T2 as the cap (default: the config's)")
+    parser.add_argument("--id-damping", type=float, nargs="+", default=[], metavar="MU",
+                        help="also measure ID with these adjoint dampings (ID(damping=MU)) against ID, BPTT and "
+                             "each EP row")
     parser.add_argument("--bptt-steps", type=int, default=None, help="BPTT's unrolled steps (default: T1)")
     parser.add_argument("--width-div", type=int, default=1, help="divide the DHNs' widths by this (tests, quick runs)")
     parser.add_argument("--in-size", type=int, default=32, help="image size of the DHNs' batch")
@@ -473,6 +498,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise _bad(f"fidelity: --seeds must be integers >= 0, got {args.seeds}")
     if any(not b > 0 for b in args.betas):
         raise _bad(f"fidelity: --betas must be > 0, got {args.betas}")
+    if any(not (0 < mu < float("inf")) for mu in args.id_damping):
+        raise _bad(f"fidelity: --id-damping must be finite numbers > 0, got {args.id_damping}")
     return models
 
 
@@ -527,7 +554,8 @@ def run(args: argparse.Namespace) -> int:
             model.configure_blocks(anderson=args.anderson)
         if args.omega is not None:
             model.configure_blocks(omega=args.omega)
-        m = measure(model, x, y, grid, bptt_steps=args.bptt_steps, with_switches=swi)
+        m = measure(model, x, y, grid, bptt_steps=args.bptt_steps, with_switches=swi,
+                    id_damping=tuple(args.id_damping))
         entry = result["models"].setdefault(name, {"description": description, "seeds": [], "references": []})
         entry["references"].append({"seed": seed, **where, **m["reference"]})
         entry["seeds"] += [{"seed": seed, **where, **r} for r in m["rows"]]
