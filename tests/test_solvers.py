@@ -124,8 +124,8 @@ def test_damped_adjoint_solves_the_shifted_system(damping):
 
 
 def test_damping_shrinks_the_adjoint_along_slow_modes():
-    """On a hard-sigmoid block near equilibrium, a damped adjoint is a discounted Neumann series:
-    its gradient norm does not exceed the exact one by more than rounding, and decreases with mu."""
+    """A damped adjoint is a discounted Neumann series: on this hard-sigmoid block at its
+    equilibrium the parameter gradient's norm falls as mu grows (0 -> 0.1 -> 1 -> 10)."""
     torch.manual_seed(3)
     block = DenseHopfield([5, 8, 4], slope=0.5, T1=500, tol=1e-13, init="kaiming").double()
     u = torch.randn(4, 5, dtype=torch.float64)
@@ -145,6 +145,6 @@ def test_minres_settings_are_checked():
         ID(solver="cg")
     with pytest.raises(ValueError, match="solver='minres' needs a tolerance"):
         ID(solver="minres", tol=None)
-    for bad in (-0.1, float("nan"), float("inf"), True, "0.1"):
+    for bad in (-0.1, float("nan"), float("inf"), True, False, "0.1"):
         with pytest.raises(ValueError, match="id: damping must be a finite number > 0"):
             ID(damping=bad)

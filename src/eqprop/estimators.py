@@ -399,7 +399,7 @@ class ID(Estimator):
         check_tol(self.name, self.tol)
         check_positive_int(self.name, "check_every", self.check_every, allow_none=True)
         check_choice(self.name, "solver", self.solver, ("fixed-point", "minres"))
-        if self.damping != 0:
+        if isinstance(self.damping, bool) or self.damping != 0:
             check_positive(self.name, "damping", self.damping)
         if self.solver == "minres" and self.tol is None:
             raise ValueError("id: solver='minres' needs a tolerance tol (a number > 0), got None")
