@@ -129,3 +129,38 @@ def test_peak_part_runs(bench, tmp_path):
                                 | {f"conv_{d}_{layout}" for d in dtypes for layout in ("nchw", "channels_last")})
     assert res["peak"]["matmul_float32"]["size"] == 256 and res["peak"]["conv_float32_nchw"]["batch"] == 4
     assert res["peak_ref_gflops"]["float32"] == max(v["gflops"] for k, v in res["peak"].items() if "float32" in k)
+
+
+def test_demo_search_table_names_changed_settings_overlaps_and_fidelity(tmp_path, capsys):
+    """benchmarks/demo_search.py: one row per run folder, the settings that differ from the
+    reference config (run-placement keys ignored), overlapping runs, and the lowest monitored cosines."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import demo_search
+    finally:
+        sys.path.remove(str(ROOT))
+    from eqprop.training.config import load_config, to_yaml
+    starts = {"a": "2026-01-01T10:00:00+00:00", "b": "2026-01-01T10:01:00+00:00", "c": "2026-01-01T11:00:00+00:00"}
+    overrides = {"a": ["optim.lr=0.006", "threads=1"], "b": ["model.slope=0.5", "out_dir=x"], "c": []}
+    for name, over in overrides.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(to_yaml(load_config("fmnist_cpu", over)))
+        trace = [{"step": 100, "fidelity_flat_cos": 0.99, "fidelity_worst_tensor_cos": 0.9},
+                 {"step": 200, "fidelity_flat_cos": 0.98, "fidelity_worst_tensor_cos": 0.95}] if name == "a" else []
+        (d / "metrics.jsonl").write_text(json.dumps({
+            "epoch": 1, "test_top1": 85.5, "iters_free": 9.0, "iters_nudged+": 5.0, "iters_nudged-": 3.0,
+            "train_time_s": 100.0, "eval_time_s": 20.0, "epoch_time_s": 120.0, "eq_block2_free_converged": 0.5,
+            "trace": trace}) + "\n")
+        (d / "run_info.json").write_text(json.dumps({"sessions": [
+            {"started": starts[name], "torch_threads": 1, "world_size": 1}]}))
+    assert demo_search.main([str(tmp_path)]) == 0
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "optim.lr=0.006" in rows["a"] and "threads" not in rows["a"].split(" | ")[1]
+    assert "model.slope=0.5" in rows["b"] and "out_dir" not in rows["b"]
+    assert "(none)" in rows["c"] and rows["c"].endswith("| alone |")
+    assert rows["a"].endswith("| 0.9800, 0.9000 | b |") and rows["b"].endswith("| - | a |")
+    assert "| 50.0% |" in rows["a"]
+    (tmp_path / "c" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no epoch finished"):
+        demo_search.main([str(tmp_path)])
