@@ -55,6 +55,12 @@ def changes(cfg: dict, ref: dict) -> str:
     return ", ".join(f"{k}={json.dumps(a.get(k), separators=(',', ':'))}" for k in keys) or "(none)"
 
 
+def sweeps(m: dict) -> str:
+    """Mean sweeps per phase: free / nudged+ / nudged- (EP), or free / adjoint (ID)."""
+    keys = [k for k in ("iters_free", "iters_nudged+", "iters_nudged-", "iters_adjoint") if k in m]
+    return " / ".join(f"{m[k]:.1f}" + (" (adjoint)" if k == "iters_adjoint" else "") for k in keys)
+
+
 def table(runs: list[dict], ref_name: str) -> str:
     ref = load_config(ref_name)
     rows = ["| run | settings that differ from `" + ref_name + "` | threads x processes | test top-1 | "
@@ -66,8 +72,7 @@ def table(runs: list[dict], ref_name: str) -> str:
         beside = [o["name"] for o in runs if o is not r and o["start"] < r["end"] and r["start"] < o["end"]]
         fid = f"{r['fid'][0]:.4f}, {r['fid'][1]:.4f}" if r["fid"] else "-"
         rows.append(f"| {r['name']} | {changes(r['cfg'], ref)} | {s['torch_threads']} x {s['world_size']} | "
-                    f"{m['test_top1']:.2f} | {m['iters_free']:.1f} / {m['iters_nudged+']:.1f} / "
-                    f"{m['iters_nudged-']:.1f} | {m['train_time_s']:.0f} | {m['eval_time_s']:.0f} | "
+                    f"{m['test_top1']:.2f} | {sweeps(m)} | {m['train_time_s']:.0f} | {m['eval_time_s']:.0f} | "
                     f"{100 * m.get('eq_block2_free_converged', float('nan')):.1f}% | {fid} | "
                     f"{', '.join(beside) or 'alone'} |")
     return "\n".join(rows)

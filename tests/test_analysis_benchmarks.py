@@ -160,7 +160,7 @@ def test_demo_search_table_names_changed_settings_overlaps_and_fidelity(tmp_path
     assert "model.slope=0.5" in rows["b"] and "out_dir" not in rows["b"]
     assert "(none)" in rows["c"] and rows["c"].endswith("| alone |")
     assert rows["a"].endswith("| 0.9800, 0.9000 | b |") and rows["b"].endswith("| - | a |")
-    assert "| 50.0% |" in rows["a"]
+    assert "| 50.0% |" in rows["a"] and "| 9.0 / 5.0 / 3.0 |" in rows["a"]
     (tmp_path / "c" / "metrics.jsonl").write_text("")
     with pytest.raises(SystemExit, match="no epoch finished"):
         demo_search.main([str(tmp_path)])
