@@ -12,7 +12,7 @@ from eqprop.training import checkpoint
 from eqprop.training.config import ConfigError
 from eqprop.training.metrics import read_metrics
 from eqprop.training.models import build_model, relax_summary
-from eqprop.training.trainer import CrossEntropy, SquaredError, Trainer, TrainingError
+from eqprop.training.trainer import CrossEntropy, SquaredError, Trainer, TrainingError, health_warnings
 from test_training_helpers import synthetic_images, tiny_config, write_fashion_mnist
 
 TRAIN, TEST = synthetic_images(96, seed=1), synthetic_images(64, seed=2, split="test")
@@ -261,3 +261,23 @@ def test_epoch_records_log_equilibrium_health_per_block_and_phase(tmp_path):
                   echo=lambda _m: None).fit()["last"]
     assert tol["eq_block1_free_converged"] == 1.0 and tol["eq_block1_free_iters"] < 50
     assert tol["eq_block1_free_residual"] < 1e-3
+
+
+def test_the_epoch_summary_warns_when_free_phases_stop_at_their_cap(tmp_path):
+    """A tolerance the free phases cannot meet within T1 gives one warning per block in the
+    epoch's output, naming the block, the share at tol and the cap; a met tolerance none."""
+    train, test = synthetic_images(64, seed=3), synthetic_images(16, seed=4, split="test")
+    lines: list[str] = []
+    Trainer(tiny_config(tmp_path / "cut", "epochs=1", "model.T1=2", "model.tol=1e-9"), train, test,
+            echo=lines.append).fit()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "block1's free phases met their tolerance in 0.0%" in warnings[0]
+    assert "model.T1=2" in warnings[0] and "eq_block1_free_iters" in warnings[0]
+    lines.clear()
+    Trainer(tiny_config(tmp_path / "met", "epochs=1", "model.T1=50", "model.tol=1e-3"), train, test,
+            echo=lines.append).fit()
+    assert not [line for line in lines if line.startswith("warning:")]
+    record = {"eq_my_block_free_converged": 0.94, "eq_my_block_nudged+_converged": 0.0,
+              "eq_b2_free_converged": 0.95}
+    assert [w.split("'s")[0] for w in health_warnings(record, {"model": {}})] == ["warning: my_block"]
+    assert "cap model.T1." in health_warnings(record, {"model": {}})[0]

@@ -57,7 +57,8 @@ from .models import DTYPES, build_model, model_inputs, relax_health, relax_summa
 from .runinfo import RUN_INFO, record_session
 
 __all__ = ["AUTOCAST", "OBJECTIVES", "RUN_FILES", "CrossEntropy", "Objective", "Schedule", "SquaredError", "Trainer",
-           "TrainingError", "check_out_dir", "make_optimizer", "make_scheduler", "progress_bar", "seed_everything"]
+           "TrainingError", "check_out_dir", "health_warnings", "make_optimizer", "make_scheduler", "progress_bar",
+           "seed_everything"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
@@ -713,6 +714,8 @@ class Trainer:
         if logger is not None:
             logger.log(record)
         self.echo(_format_record(record, self.cfg["epochs"]))
+        for line in health_warnings(record, self.cfg):
+            self.echo(line)
         self.pending = None
         return record
 
@@ -798,6 +801,28 @@ def trace_summary(trace: list[dict]) -> dict:
         values = [p[key] for p in trace if key in p]
         if values:
             out[key] = values[-1]
+    return out
+
+
+FREE_CONVERGED_WARN = 0.95  # an epoch's share of free phases at tol below which the summary warns
+
+
+def health_warnings(record: dict, cfg: dict) -> list[str]:
+    """A warning per block whose free phases met their tolerance in fewer than
+    FREE_CONVERGED_WARN of an epoch's steps: the rest stopped at T1, and EP's and ID's
+    gradients assume the free equilibrium (free phases slowing towards T1 came before every
+    training collapse measured in docs/gradients.md and docs/performance.md). Nudged phases
+    are not checked: stopping them at T2 is a common, deliberate setting."""
+    out = []
+    t1 = cfg.get("model", {}).get("T1")
+    for key, value in record.items():
+        if not (key.startswith("eq_") and key.endswith("_free_converged")) or value >= FREE_CONVERGED_WARN:
+            continue
+        block = key[3:-len("_free_converged")]
+        out.append(f"warning: {block}'s free phases met their tolerance in {100 * value:.1f}% of this epoch's "
+                   f"steps; the others stopped at the cap model.T1{'' if t1 is None else '=' + str(t1)}. Gradients "
+                   f"from cut free phases can derail training: raise model.T1 or lower optim.lr "
+                   f"(eq_{block}_free_iters in metrics.jsonl shows the trend)")
     return out
 
 
