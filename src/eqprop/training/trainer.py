@@ -810,8 +810,8 @@ FREE_CONVERGED_WARN = 0.95  # an epoch's share of free phases at tol below which
 def health_warnings(record: dict, cfg: dict) -> list[str]:
     """A warning per block whose free phases met their tolerance in fewer than
     FREE_CONVERGED_WARN of an epoch's steps: the rest stopped at T1, and EP's and ID's
-    gradients assume the free equilibrium (free phases slowing towards T1 came before every
-    training collapse measured in docs/gradients.md and docs/performance.md). Nudged phases
+    gradients assume the free equilibrium (free phases cut by T1 preceded the training
+    collapses of docs/gradients.md and docs/performance.md). Nudged phases
     are not checked: stopping them at T2 is a common, deliberate setting."""
     out = []
     t1 = cfg.get("model", {}).get("T1")
