@@ -18,28 +18,19 @@ from pathlib import Path
 
 import yaml
 
-from eqprop.training.config import load_config
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
+from eqprop.training.config import NOT_SET, config_changes, load_config
+from eqprop.training.metrics import read_metrics
+from eqprop.training.runinfo import read_run_info
 
 IGNORED = {"name", "out_dir", "progress", "tensorboard", "threads", "device", "monitor_fidelity", "epochs"}
 
 
 def read(folder: Path) -> dict:
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_metrics(folder / "metrics.jsonl")
     if not lines:
         raise SystemExit(f"{folder / 'metrics.jsonl'}: no epoch finished")
-    session = json.loads((folder / "run_info.json").read_text())["sessions"][0]
+    session = read_run_info(folder)[0]
     m = lines[-1]
     start = datetime.fromisoformat(session["started"])
     fid = [p for p in m.get("trace", []) if "fidelity_flat_cos" in p]
@@ -50,9 +41,9 @@ def read(folder: Path) -> dict:
 
 
 def changes(cfg: dict, ref: dict) -> str:
-    a, b = flat(cfg), flat(ref)
-    keys = sorted(k for k in set(a) | set(b) if k not in IGNORED and a.get(k) != b.get(k))
-    return ", ".join(f"{k}={json.dumps(a.get(k), separators=(',', ':'))}" for k in keys) or "(none)"
+    shown = [(k, new) for k, _, new in config_changes(ref, cfg) if k.split(".")[0] not in IGNORED]
+    return ", ".join(f"{k}={json.dumps(None if v is NOT_SET else v, separators=(',', ':'))}"
+                     for k, v in shown) or "(none)"
 
 
 def sweeps(m: dict) -> str:
