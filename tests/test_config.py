@@ -77,7 +77,13 @@ def test_unknown_config_lists_available():
                                             ("resume=maybe", "true or false"), ("epochs", "key=value"),
                                             ("dist_timeout_s=0", "'dist_timeout_s' must be a positive number"),
                                             ("dist_timeout_s=.inf", "'dist_timeout_s' must be a positive number"),
-                                            ("tf32=1", "'tf32' must be true or false")])
+                                            ("tf32=1", "'tf32' must be true or false"),
+                                            ("augment=maybe", "'augment' must be true, false or null"),
+                                            ("augment_pad=-1", "'augment_pad' must be an integer >= 0"),
+                                            ("augment_padding=reflect", "'augment_padding' must be one of"),
+                                            ("augment_flip=1", "'augment_flip' must be true or false"),
+                                            ("augment_pad=2", r"\['augment_pad'\] set, but augment is false"),
+                                            ("augment_flip=false", "augment is false")])
 def test_bad_values_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("fmnist_cpu", [override])

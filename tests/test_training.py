@@ -197,6 +197,18 @@ def test_hssm_kind_dispatches_to_build_hssm(tmp_path):
         Trainer({**cfg, "channels_last": True}, seq, seq, **QUIET)
 
 
+def test_augmentation_settings_reach_the_training_loader(tmp_path):
+    train, test = synthetic_images(64), synthetic_images(32, seed=1, split="test")
+    trainer = Trainer(tiny_config(tmp_path, "augment=true", "augment_pad=2", "augment_padding=zero",
+                                  "augment_flip=false", "epochs=1"), train, test, **QUIET)
+    loader = trainer.train_loader
+    assert (loader.augment, loader.pad, loader.padding_mode, loader.flip) == (True, 2, "zero", False)
+    assert not trainer.test_loader.augment
+    # the same draws give other batches than without augmentation, so the settings act
+    plain = Trainer(tiny_config(tmp_path / "plain", "epochs=1"), train, test, **QUIET).train_loader
+    assert not torch.equal(next(iter(loader))[0], next(iter(plain))[0])
+
+
 def image_info(shape=(1, 8, 8), classes=4):
     return {"num_classes": classes, "kind": "image", "shape": shape}
 

@@ -36,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "dataset_options": {},       # extra keyword arguments of load_dataset (e.g. permute_seed)
     "data_dir": None,            # null: --data-dir, $EQPROP_DATA, then ~/.cache/eqprop
     "augment": None,             # random crop + flip; null: the loader's default (on for CIFAR/ImageNet32)
+    "augment_pad": 4,            # random crop: shift each training image by up to this many pixels
+    "augment_padding": "edge",   # edge | zero: what fills the pixels a shift uncovers
+    "augment_flip": True,        # random horizontal flip of half the training images
     "std_factor": None,          # normalise by std_factor * std; null: 3 (CIFAR), 1.5 (ImageNet32), else 1
     "limit_train": None,         # use only the first N training / test examples (null: all)
     "limit_test": None,
@@ -258,6 +261,7 @@ CHOICES = {
     ("precision",): ("fp32", "bf16", "fp16"),
     ("relax_dtype",): (None, "bfloat16", "float16", "float32", "float64"),
     ("dtype",): ("float32", "float64"),
+    ("augment_padding",): ("edge", "zero"),
 }
 
 
@@ -304,9 +308,26 @@ def validate(cfg: dict) -> None:
     if not isinstance(est, dict):
         raise ConfigError(f"config key 'estimator.{cfg['algorithm']}' must be a mapping of settings, got {est!r}")
     for key in ("resume", "progress", "tensorboard", "channels_last", "compile", "sync_batchnorm", "tf32",
-                "cudnn_benchmark"):
+                "cudnn_benchmark", "augment_flip"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
+    _check_augment(cfg)
+
+
+def _check_augment(cfg: dict) -> None:
+    """augment: true, false or null (the dataset's default); its crop/flip settings are refused
+    where augment=false would ignore them."""
+    if cfg["augment"] is not None and not isinstance(cfg["augment"], bool):
+        raise ConfigError(f"config key 'augment' must be true, false or null (the dataset's default), "
+                          f"got {cfg['augment']!r}")
+    v = cfg["augment_pad"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"config key 'augment_pad' must be an integer >= 0 (pixels), got {v!r}")
+    if cfg["augment"] is False:
+        set_here = [k for k in ("augment_pad", "augment_padding", "augment_flip") if cfg[k] != DEFAULTS[k]]
+        if set_here:
+            raise ConfigError(f"config key(s) {set_here} set, but augment is false, so they would do nothing; "
+                              f"set augment=true (or null for the dataset's default) or drop them")
 
 
 def _check_meta_strength(o: dict) -> None:

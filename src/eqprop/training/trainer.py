@@ -317,7 +317,8 @@ class Trainer:
                       dtype=self.dtype, memory_format=fmt)
         try:
             self.train_loader = DeviceLoader(train_set, cfg["batch_size"], train=True, augment=cfg["augment"],
-                                             seed=cfg["seed"], limit=cfg["limit_train"], **common)
+                                             seed=cfg["seed"], limit=cfg["limit_train"], pad=cfg["augment_pad"],
+                                             padding_mode=cfg["augment_padding"], flip=cfg["augment_flip"], **common)
             self.test_loader = DeviceLoader(test_set, cfg["eval_batch_size"], train=False, augment=False,
                                             limit=cfg["limit_test"], **common)
         except ValueError as e:  # limits or batch sizes that do not fit the data
