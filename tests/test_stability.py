@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from eqprop import DenseHopfield
 from eqprop.analysis.cli import build_parser
+from eqprop.analysis.common import trained_model, training_batches
 from eqprop.analysis.stability import active_fraction, sweep_rate
 from eqprop.training.config import ConfigError
 from eqprop.training.trainer import Trainer
@@ -75,6 +76,11 @@ def test_command_on_a_checkpoint(tmp_path):
         assert len(r["rate"]) == 8 and all(0 <= v < 10 for v in r["rate"]) and r["omega"] == 1
         assert all(0 <= a <= 1 for a in r["active"])
     assert "| tiny |" in (tmp_path / "stab.md").read_text()
+    # the run trained channels-last (tiny_config's base); the analyses load it in that layout
+    model, cfg, train, _ = trained_model(out / "checkpoint.pt", str(root))
+    w = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1)  # a layout-telling weight
+    assert cfg["channels_last"] and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert training_batches(cfg, train, 8, 1).memory_format == torch.channels_last
 
 
 @pytest.mark.parametrize("argv, match", [

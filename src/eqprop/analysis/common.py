@@ -50,7 +50,8 @@ def block_inputs(model: FFEBM, x: Tensor, relaxed: bool = False) -> list[Tensor]
 
 def trained_model(path: str | Path, data_dir: str | None = None) -> tuple[nn.Module, dict, object, dict]:
     """(model in train mode, its run's config, the run's training set, the checkpoint's
-    position {'epoch', 'step'}) from a training checkpoint file."""
+    position {'epoch', 'step'}) from a training checkpoint file; in channels-last layout when
+    the run trained in it, so its relaxations run as in training."""
     from ..data import load_dataset  # the training layer, imported when used
     from ..training import checkpoint as ckpt_io
     from ..training.config import DEFAULTS, merge
@@ -61,16 +62,21 @@ def trained_model(path: str | Path, data_dir: str | None = None) -> tuple[nn.Mod
     train = load_dataset(cfg["dataset"], "train", data_dir or cfg["data_dir"], **cfg["dataset_options"])
     model = build_model(cfg, model_inputs(train))
     ckpt_io.load_model_state(model, state["model"], Path(path))
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
     return model.train(), cfg, train, state["position"]
 
 
 def training_batches(cfg: dict, train: object, batch: int, batches: int) -> object:
     """The first `batches` batches of a run's training set in file order, normalised as that
-    run's training normalised them (its std_factor), without augmentation."""
+    run's training normalised them (its std_factor) and laid them out (channels_last), without
+    augmentation."""
     from ..data import DeviceLoader, default_std_factor
 
     std = cfg["std_factor"] if cfg["std_factor"] is not None else default_std_factor(train.name)
-    return DeviceLoader(train, batch, train=False, augment=False, std_factor=std, limit=batch * batches)
+    fmt = torch.channels_last if cfg["channels_last"] and train.kind == "image" else None
+    return DeviceLoader(train, batch, train=False, augment=False, std_factor=std, limit=batch * batches,
+                        memory_format=fmt)
 
 
 def timed(fn: Callable[..., object], *args: object, device: str | torch.device | None = None) -> tuple[float, float]:
