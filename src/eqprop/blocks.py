@@ -506,11 +506,11 @@ class EnergyBlock(nn.Module):
             s = new
         # the one synchronisation of a fixed-T relaxation: residual and input finiteness together
         flags = [change.float()]
-        if self.check_inputs:
-            flags.append((~torch.isfinite(u_given).all()).float())
+        if self.check_inputs:  # a NaN or inf anywhere makes the sum non-finite: one pass, not isfinite's four
+            flags.append(u_given.sum().float())
         values = torch.stack(flags).tolist()
         residual = values[0]
-        if self.check_inputs and values[1]:
+        if self.check_inputs and not math.isfinite(values[1]) and not torch.isfinite(u_given).all():
             raise ValueError(f"{self.block_name}: input current holds NaN or inf values")
         if not math.isfinite(residual):
             bad = [i + 1 for i, x in enumerate(s) if not torch.isfinite(x).all()]
