@@ -164,3 +164,42 @@ def test_demo_search_table_names_changed_settings_overlaps_and_fidelity(tmp_path
     (tmp_path / "c" / "metrics.jsonl").write_text("")
     with pytest.raises(SystemExit, match="no epoch finished"):
         demo_search.main([str(tmp_path)])
+
+
+def test_ff_twin_is_the_first_sweep_and_trains(tmp_path):
+    """benchmarks/ff_twin.py: with the ff-EBM's parameters the twin's output equals one
+    asynchronous sweep of every block from zero (T1 = 1, odd layers first), and its command
+    trains on Fashion-MNIST files and writes its epochs."""
+    import torch
+
+    from eqprop.chain import conv_ffebm
+    from test_training_helpers import write_fashion_mnist
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import ff_twin
+    finally:
+        sys.path.remove(str(ROOT))
+    torch.manual_seed(0)
+    blocks = [{"channels": [1, 4, 4], "pools": "m-"}, {"channels": [4, 6, 5], "pools": "mm"}]
+    ebm = conv_ffebm(blocks, num_classes=3, in_size=8, slope=0.35, T1=1, tol=None, update="async", first="odd")
+    net = ff_twin.twin({"kind": "conv", "blocks": blocks, "slope": 0.35}, 8, 3)
+    with torch.no_grad():
+        for a, b in zip(net.parameters(), ebm.parameters(), strict=True):
+            a.copy_(b)
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(net(x), ebm(x))
+    with pytest.raises(SystemExit, match="dense layers"):
+        ff_twin.twin({"kind": "conv", "blocks": [{"channels": [1, 4], "pools": "m", "fc": [8]}]}, 8, 3)
+
+    root = write_fashion_mnist(tmp_path / "data", n_train=64, n_test=16)
+    out = tmp_path / "twin.json"
+    assert ff_twin.main(["fmnist_demo", "epochs=2", "batch_size=16", "eval_batch_size=16", "--data-dir", str(root),
+                         "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2] and all(0 <= e["test_top1"] <= 100 for e in res["epochs"])
+    assert res["overrides"] == ["epochs=2", "batch_size=16", "eval_batch_size=16"] and res["parameters"] > 0
+    rows = ff_twin.table(tmp_path).splitlines()
+    top1 = " / ".join(f"{e['test_top1']:.2f}" for e in res["epochs"])
+    assert len(rows) == 3 and rows[2].startswith("| twin | fmnist_demo: `epochs=2`, ") and f"| {top1} |" in rows[2]
+    with pytest.raises(SystemExit, match="no result files"):
+        ff_twin.table(tmp_path / "data")
