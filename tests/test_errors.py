@@ -37,6 +37,8 @@ def test_finite_input_whose_sum_overflows_is_accepted():
     block = DenseHopfield([4, 3], name="blk", estimator=EP())
     u = torch.full((2, 4), 3.0e38)  # finite, but its float32 sum is inf
     assert torch.isfinite(block(u)).all()
+    half = DenseHopfield([4, 3], name="half", estimator=EP()).to(torch.float16)
+    assert torch.isfinite(half(torch.full((2, 4), 6.0e4, dtype=torch.float16))).all()  # float16 sum: 4.8e5
 
 
 def test_diverging_relaxation_raises():

@@ -507,7 +507,7 @@ class EnergyBlock(nn.Module):
         # the one synchronisation of a fixed-T relaxation: residual and input finiteness together
         flags = [change.float()]
         if self.check_inputs:  # a NaN or inf anywhere makes the sum non-finite: one pass, not isfinite's four
-            flags.append(u_given.sum().float())
+            flags.append(u_given.sum(dtype=torch.float32 if u_given.element_size() < 4 else None).float())
         values = torch.stack(flags).tolist()
         residual = values[0]
         if self.check_inputs and not math.isfinite(values[1]) and not torch.isfinite(u_given).all():
