@@ -92,6 +92,10 @@ VARIANTS = {
     "f32_cl_tol1e-5_ep1e-3_sor1.2": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-3, "omega": 1.2},
     "f32_cl_tol1e-4_ep1e-4_sor1.2": {"layout": "channels_last", "tol": 1e-4, "ep_tol": 1e-4, "omega": 1.2},
     "f32_cl_tol1e-5_ep1e-4_sor1.4": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-4, "omega": 1.4},
+    "bf16_cl_tol1e-5_ep1e-4_mirror": {"layout": "channels_last", "relax_dtype": "bfloat16", "tol": 1e-5,
+                                      "ep_tol": 1e-4, "mirror": True},
+    "bf16_cl_tol1e-5_ep1e-4_sor1.2": {"layout": "channels_last", "relax_dtype": "bfloat16", "tol": 1e-5,
+                                      "ep_tol": 1e-4, "omega": 1.2},
     "f32_cl_tol1e-5_mirror_compile": {"layout": "channels_last", "tol": 1e-5, "ep_tol": 1e-5, "mirror": True,
                                       "compile": True},
 }
@@ -119,15 +123,15 @@ def flat_gradient(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def part_variants(models, variants, n: int, repeats: int, device="cpu", seed: int = 0) -> list[dict]:
-    """Per model, the training step of every variant (process CPU and wall seconds; the
-    variants are timed in turn within each repeat, so load changes hit all alike) and the
-    cosine of its gradient, at the initial parameters, to the first variant's."""
+def part_variants(models, variants, n: int, repeats: int, device="cpu", seed: int = 0, div: int = 1) -> list[dict]:
+    """Per model (widths divided by `div`), the training step of every variant (process CPU and
+    wall seconds; the variants are timed in turn within each repeat, so load changes hit all
+    alike) and the cosine of its gradient, at the initial parameters, to the first variant's."""
     rows = []
     for name in models:
         T1, T2 = MODELS[name]["T1"], MODELS[name]["T2"]
         x, y = batch(n, device, seed)
-        model = build(name, 1, device, seed=seed)
+        model = build(name, div, device, seed=seed)
         start = copy.deepcopy(model.state_dict())
         grads, stats = {}, {}
         for v in variants:  # gradients at the same parameters (and a warm-up of each variant)
@@ -205,6 +209,17 @@ def kernel_times(n: int = 16, repeats: int = 5) -> list[dict]:
     return rows
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and whether it has bfloat16 instructions (Linux /proc/cpuinfo)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return {"cpu_model": model, "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="EP training-step settings side by side (one process, CPU time)")
     p.add_argument("--models", default="L6x3,L6x1")
@@ -233,7 +248,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     meta = {"command": "python -m benchmarks.step " + " ".join(sys.argv[1:] if argv is None else argv),
-            "threads": args.threads, "torch": torch.__version__, "load_before": os.getloadavg()}
+            "threads": args.threads, "torch": torch.__version__, "load_before": os.getloadavg(), **cpu_info()}
     rows = part_variants(args.models.split(","), variants, args.batch, args.repeats)
     meta.update(load_after=os.getloadavg(), wall_s=time.time() - t0,
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

@@ -203,3 +203,19 @@ def test_ff_twin_is_the_first_sweep_and_trains(tmp_path):
     assert len(rows) == 3 and rows[2].startswith("| twin | fmnist_demo: `epochs=2`, ") and f"| {top1} |" in rows[2]
     with pytest.raises(SystemExit, match="no result files"):
         ff_twin.table(tmp_path / "data")
+
+
+def test_step_variants_side_by_side(tmp_path):
+    """benchmarks/step.py's side-by-side part: every variant timed, its gradient compared with
+    the first's (a variant against itself: cosine 1), the bfloat16 relaxation close to float32."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import step
+    finally:
+        sys.path.remove(str(ROOT))
+    variants = ["f32_cl_tol1e-5_ep1e-4_mirror", "bf16_cl_tol1e-5_ep1e-4_mirror", "f32_cl_tol1e-5_ep1e-4_mirror"]
+    rows = step.part_variants(["L12"], variants, n=2, repeats=1, div=16)
+    assert [r["variant"] for r in rows] == variants and all(r["cpu_median_s"] > 0 for r in rows)
+    assert rows[2]["cos_to_first"] > 0.999999 and rows[1]["cos_to_first"] > 0.9
+    assert rows[1]["relax_dtype"] == "bfloat16" and len(rows[1]["iters_timed"]) == 1
+    assert "| L12 | bf16_cl_tol1e-5_ep1e-4_mirror |" in step.markdown_variants(rows)
