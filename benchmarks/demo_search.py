@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from eqprop.training.config import NOT_SET, config_changes, load_config
+from eqprop.training.config import DEFAULTS, NOT_SET, config_changes, load_config, merge
 from eqprop.training.metrics import read_metrics
 from eqprop.training.runinfo import read_run_info
 
@@ -26,7 +26,7 @@ IGNORED = {"name", "out_dir", "progress", "tensorboard", "threads", "device", "m
 
 
 def read(folder: Path) -> dict:
-    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    cfg = merge(DEFAULTS, yaml.safe_load((folder / "config.yaml").read_text()), allow_new=True)  # keys added since
     lines = read_metrics(folder / "metrics.jsonl")
     if not lines:
         raise SystemExit(f"{folder / 'metrics.jsonl'}: no epoch finished")

@@ -45,6 +45,10 @@ def test_config_changes_are_empty_for_the_shipped_config_and_name_changed_keys()
     assert config_changes(load_config("fmnist_cpu", ["optim.lr=0.1", "model.slope=0.5"])) == ["model.slope",
                                                                                              "optim.lr"]
     assert config_changes({**cfg, "name": "not_shipped"}) is None
+    # a run saved before a trainer key existed ran with the key's default: not a change
+    older = {k: v for k, v in cfg.items() if k != "augment_pad"}
+    assert config_changes(older) == []
+    assert config_changes({**older, "augment_flip": False}) == ["augment_flip"]
 
 
 def test_bad_run_folders_raise_naming_the_file(tmp_path):

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_comment, list_configs, load_config, load_config_file
+from .config import DEFAULTS, ConfigError, config_comment, list_configs, load_config, load_config_file, merge
 from .config import config_changes as changed_settings
 from .metrics import read_metrics
 from .runinfo import read_run_info
@@ -38,11 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_changes(cfg: dict) -> list[str] | None:
     """Keys (dotted) whose values differ between a run's config and today's shipped config of
-    the same name, outside RUN_KEYS; None when no shipped config has that name."""
+    the same name, outside RUN_KEYS; None when no shipped config has that name. Trainer keys
+    added after the run count at their defaults, which keep the earlier behaviour."""
     name = cfg.get("name")
     if name not in list_configs():
         return None
-    return [key for key, _, _ in changed_settings(load_config(name), cfg) if key.split(".")[0] not in RUN_KEYS]
+    ran = merge(DEFAULTS, cfg, allow_new=True)
+    return [key for key, _, _ in changed_settings(load_config(name), ran) if key.split(".")[0] not in RUN_KEYS]
 
 
 def _fmt(v, digits: int = 2) -> str:
