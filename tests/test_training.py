@@ -207,6 +207,9 @@ def test_augmentation_settings_reach_the_training_loader(tmp_path):
     # the same draws give other batches than without augmentation, so the settings act
     plain = Trainer(tiny_config(tmp_path / "plain", "epochs=1"), train, test, **QUIET).train_loader
     assert not torch.equal(next(iter(loader))[0], next(iter(plain))[0])
+    # augment null leaves this dataset unaugmented, so a crop setting would do nothing: refused
+    with pytest.raises(ConfigError, match=r"\['augment_pad'\] set, but synthetic is not augmented"):
+        Trainer(tiny_config(tmp_path / "null", "augment=null", "augment_pad=2"), train, test, **QUIET)
 
 
 def image_info(shape=(1, 8, 8), classes=4):
