@@ -4,6 +4,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import eqprop
@@ -31,6 +33,20 @@ def test_non_finite_input(bad):
     u.view(-1)[:len(bad)] = torch.tensor(bad)
     with pytest.raises(ValueError, match="blk.*NaN or inf"):
         block(u)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 1.0, -2.5, 3.0e38, -3.0e38, float("nan"), float("inf"),
+                                        -float("inf")]), min_size=8, max_size=8),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_property_input_refused_exactly_when_it_holds_nan_or_inf(values, dtype):
+    block = DenseHopfield([4, 3], name="blk", estimator=EP()).to(dtype)
+    u = torch.tensor(values, dtype=dtype).reshape(2, 4)
+    if torch.isfinite(u).all():
+        block(u)  # huge finite inputs (their sum may overflow) are accepted
+    else:
+        with pytest.raises(ValueError, match="blk.*NaN or inf"):
+            block(u)
 
 
 def test_finite_input_whose_sum_overflows_is_accepted():
