@@ -25,6 +25,7 @@ from torch import nn
 from eqprop.activations import make_activation
 from eqprop.data import DeviceLoader, default_std_factor, load_dataset
 from eqprop.training.config import load_config
+from eqprop.training.trainer import make_optimizer, make_scheduler
 
 
 class Sweep(nn.Module):
@@ -95,13 +96,8 @@ def run(config: str, overrides: list[str], data_dir: str | None, threads: int) -
     if fmt is not None:
         model = model.to(memory_format=fmt)
     o = cfg["optim"]
-    if o["name"] != "adam" or o["schedule"] != "cosine":
-        raise SystemExit(f"ff_twin: the twin trains with Adam and a cosine schedule; the config has "
-                         f"optim.name={o['name']!r}, optim.schedule={o['schedule']!r}")
-    opt = torch.optim.Adam(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-    per_epoch = len(train)
-    total = per_epoch * cfg["epochs"] if o["schedule_unit"] == "step" else cfg["epochs"]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=o["lr_min"])
+    opt = make_optimizer(model, o)  # the trainer's optimizer and schedule for the config
+    sched = make_scheduler(opt, o, cfg["epochs"], len(train))
     loss_fn = nn.CrossEntropyLoss()
     epochs = []
     for epoch in range(cfg["epochs"]):

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
+from eqprop.training.runinfo import cpu_model
+
 from .common import BETA, ESTIMATORS, MODELS, batch, build, timed, train_step, use_estimator
 
 
@@ -214,10 +216,9 @@ def cpu_info() -> dict:
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
-        return {}
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+        text = ""
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return {"cpu_model": model, "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+    return {"cpu_model": cpu_model(), "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 
 def main(argv=None) -> int:

@@ -26,9 +26,10 @@ import yaml
 
 from ..blocks import RELAX_SETTINGS
 
-__all__ = ["CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "FIXED_ON_RESUME", "RELAX_KEYS", "ConfigError",
-           "apply_override", "apply_overrides", "check_resume", "config_changes", "config_comment", "config_dir",
-           "list_configs", "load_config", "load_config_file", "merge", "parse_value", "to_yaml", "validate"]
+__all__ = ["AUGMENT_KEYS", "CHOICES", "DEFAULTS", "EXCLUDED_PREFIXES", "FIXED_ON_RESUME", "RELAX_KEYS",
+           "ConfigError", "apply_override", "apply_overrides", "augment_settings_set", "check_resume",
+           "config_changes", "config_comment", "config_dir", "list_configs", "load_config", "load_config_file",
+           "merge", "parse_value", "to_yaml", "validate"]
 
 DEFAULTS: dict[str, Any] = {
     "name": None,                # set to the config's name when loaded
@@ -314,6 +315,14 @@ def validate(cfg: dict) -> None:
     _check_augment(cfg)
 
 
+AUGMENT_KEYS = ("augment_pad", "augment_padding", "augment_flip")
+
+
+def augment_settings_set(cfg: dict) -> list[str]:
+    """The crop/flip keys (AUGMENT_KEYS) that `cfg` sets away from their defaults."""
+    return [k for k in AUGMENT_KEYS if cfg[k] != DEFAULTS[k]]
+
+
 def _check_augment(cfg: dict) -> None:
     """augment: true, false or null (the dataset's default); its crop/flip settings are refused
     where augment=false would ignore them."""
@@ -324,7 +333,7 @@ def _check_augment(cfg: dict) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ConfigError(f"config key 'augment_pad' must be an integer >= 0 (pixels), got {v!r}")
     if cfg["augment"] is False:
-        set_here = [k for k in ("augment_pad", "augment_padding", "augment_flip") if cfg[k] != DEFAULTS[k]]
+        set_here = augment_settings_set(cfg)
         if set_here:
             raise ConfigError(f"config key(s) {set_here} set, but augment is false, so they would do nothing; "
                               f"set augment=true (or null for the dataset's default) or drop them")

@@ -51,7 +51,7 @@ from ..metaplastic import MetaplasticAdam, metaplastic_groups
 from ..optional import require
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import DEFAULTS, ConfigError, check_resume, to_yaml
+from .config import ConfigError, augment_settings_set, check_resume, to_yaml
 from .metrics import EpochTotals, MetricsLogger, plot_curves, read_metrics
 from .models import DTYPES, build_model, model_inputs, relax_health, relax_summary
 from .runinfo import RUN_INFO, record_session
@@ -324,7 +324,7 @@ class Trainer:
         except ValueError as e:  # limits or batch sizes that do not fit the data
             raise ConfigError(f"data loader: {e} (config keys batch_size, eval_batch_size, limit_train, "
                               f"limit_test)") from None
-        unused = [k for k in ("augment_pad", "augment_padding", "augment_flip") if cfg[k] != DEFAULTS[k]]
+        unused = augment_settings_set(cfg)
         if unused and not self.train_loader.augment:
             raise ConfigError(f"config key(s) {unused} set, but {train_set.name} is not augmented (augment is "
                               f"{cfg['augment']!r}; null augments CIFAR and ImageNet32 only): set augment=true or "
